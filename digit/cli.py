@@ -1,0 +1,92 @@
+"""`digit`: one subcommand per pipeline stage, with explicit input and output paths.
+
+Every Snakemake rule and DVC stage calls one of these. Each reads the experiment config,
+validates it (a bad key stops here, before any work), and runs one library function.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+from digit.config import ConfigError, load_config
+
+# subcommand -> (library function, help, [(flag, help)]) ; flags map to the function's path arguments.
+STAGES = {
+    "synthesize": ("digit.data:run_synthesize", "generate the embedded demo image folder",
+                   [("--out", "output image folder")]),
+    "prepare": ("digit.data:run_prepare", "validate and index an image folder into a manifest",
+                [("--data", "image folder with train/<class>/ and val/<class>/"),
+                 ("--out", "output directory (manifest.json, report.json)")]),
+    "features": ("digit.features:run_features", "encoder patch features of a sample of train",
+                 [("--manifest", "manifest.json from prepare"), ("--out", "output directory")]),
+    "kmeans": ("digit.kmeans:run_kmeans", "faiss K-means of the features to a codebook",
+               [("--features", "directory from features"), ("--out", "output directory")]),
+    "tokenize": ("digit.tokens:run_tokenize", "every image to its discriminative token grid",
+                 [("--manifest", "manifest.json from prepare"), ("--codebook", "directory from kmeans"),
+                  ("--out", "output token cache directory")]),
+    "train-vq": ("digit.vq:run_train_vq", "train the VQ autoencoder (the pixel tokenizer)",
+                 [("--manifest", "manifest.json from prepare"), ("--out", "output directory")]),
+    "tokenize-vq": ("digit.vq:run_tokenize_vq", "every image to its VQ token grid",
+                    [("--manifest", "manifest.json from prepare"), ("--vq", "directory from train-vq"),
+                     ("--out", "output token cache directory")]),
+    "train-ar": ("digit.train:run_train_ar", "train the stage-1 GPT on discriminative tokens",
+                 [("--tokens", "discriminative token cache"), ("--out", "output directory")]),
+    "train-decoder": ("digit.train:run_train_decoder", "train the stage-2 decoder (sem -> VQ tokens)",
+                      [("--tokens", "discriminative token cache"), ("--vq-tokens", "VQ token cache"),
+                       ("--out", "output directory")]),
+    "sample": ("digit.sample:run_sample", "stage 1 -> stage 2 -> VQ decoder: PNG samples and a grid",
+               [("--stage1", "directory from train-ar"), ("--stage2", "directory from train-decoder"),
+                ("--vq", "directory from train-vq"), ("--out", "output directory")]),
+    "train-classifier": ("digit.metrics:run_train_classifier", "classifier on real images, for CAS",
+                         [("--manifest", "manifest.json from prepare"), ("--out", "output directory")]),
+    "evaluate": ("digit.metrics:run_evaluate", "FID, IS, KID (torch-fidelity) and CAS of the samples",
+                 [("--samples", "directory from sample"), ("--manifest", "manifest.json from prepare"),
+                  ("--classifier", "directory from train-classifier"), ("--out", "output directory")]),
+    "report": ("digit.report:run_report", "metrics.json, loss curves and the sample grid",
+               [("--evaluate", "directory from evaluate"), ("--stage1", "directory from train-ar"),
+                ("--stage2", "directory from train-decoder"), ("--vq", "directory from train-vq"),
+                ("--samples", "directory from sample"), ("--out", "experiment results directory")]),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="digit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("--config", required=True, help="experiment config YAML")
+    for name, (_, help_text, flags) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", required=True, help="experiment config YAML")
+        for flag, flag_help in flags:
+            p.add_argument(flag, required=True, help=flag_help)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"digit: {e}", file=sys.stderr)
+        return 2
+    if args.stage == "check-config":
+        print(f"{args.config}: valid")
+        return 0
+    target, _, flags = STAGES[args.stage]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    paths = [getattr(args, flag.lstrip("-").replace("-", "_")) for flag, _ in flags]
+    start = time.perf_counter()
+    try:
+        func(config, *paths)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"digit {args.stage}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"digit {args.stage}: done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Image folders: the embedded demo set, validation into a manifest, and loading for every stage.
+
+An image folder has `train/<class>/*` and `val/<class>/*`. `run_prepare` indexes it into a
+manifest (class ids, sizes, hashes) that every later stage reads instead of the folder, so a
+file that changes after preparation is caught by its hash, not silently used.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageOps
+
+from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
+
+SPLITS = ("train", "val")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+
+# -- the embedded demo set ------------------------------------------------------------------
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring",
+          "hstripes", "vstripes", "checker", "diagonal", "dots")
+# One base hue per class, spread around the colour wheel, so colour and shape both carry the class.
+HUES = tuple(i / len(SHAPES) for i in range(len(SHAPES)))
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    import colorsys
+
+    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h % 1.0, s, v))
+
+
+def draw_example(class_id: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """One procedurally drawn image of class `class_id`: a coloured shape or texture on a noisy field."""
+    hue = HUES[class_id] + rng.uniform(-0.03, 0.03)
+    fg = _hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
+    bg = _hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.0, 0.3), rng.uniform(0.1, 0.4))
+    image = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(image)
+    shape = SHAPES[class_id]
+    r = size * rng.uniform(0.22, 0.36)
+    cx, cy = size / 2 + rng.uniform(-0.15, 0.15, size=2) * size
+    period = max(4, int(size * rng.uniform(0.12, 0.2)))
+    phase = int(rng.integers(0, period))
+    if shape == "disc":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif shape == "triangle":
+        a = rng.uniform(0, 2 * math.pi)
+        pts = [(cx + r * math.cos(a + k * 2 * math.pi / 3), cy + r * math.sin(a + k * 2 * math.pi / 3)) for k in range(3)]
+        draw.polygon(pts, fill=fg)
+    elif shape == "cross":
+        w = r / 3
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=max(2, int(r / 3)))
+    elif shape == "hstripes":
+        for y in range(phase - period, size, period):
+            draw.rectangle([0, y, size, y + period // 2], fill=fg)
+    elif shape == "vstripes":
+        for x in range(phase - period, size, period):
+            draw.rectangle([x, 0, x + period // 2, size], fill=fg)
+    elif shape == "checker":
+        for y in range(0, size, period):
+            for x in range(0, size, period):
+                if ((x + y) // period) % 2 == 0:
+                    draw.rectangle([x, y, x + period - 1, y + period - 1], fill=fg)
+    elif shape == "diagonal":
+        for k in range(-size, 2 * size, period):
+            draw.polygon([(k, 0), (k + period // 2, 0), (k + period // 2 - size, size), (k - size, size)], fill=fg)
+    elif shape == "dots":
+        for y in range(phase // 2, size, period):
+            for x in range(phase // 2, size, period):
+                draw.ellipse([x, y, x + period / 2, y + period / 2], fill=fg)
+    noise = rng.normal(0, 8, size=(size, size, 3))
+    pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def run_synthesize(config: dict, out_dir: str | Path) -> None:
+    """Write the deterministic demo image folder: `num_classes` classes of shapes and textures."""
+    spec = config["data"]["synthetic"]
+    counts = {"train": spec["train_per_class"], "val": spec["val_per_class"]}
+    with atomic_dir(out_dir) as tmp:
+        for split_index, split in enumerate(SPLITS):
+            for class_id in range(spec["num_classes"]):
+                class_dir = tmp / split / f"{class_id:02d}_{SHAPES[class_id]}"
+                class_dir.mkdir(parents=True)
+                rng = np.random.default_rng([config["seed"], split_index, class_id])
+                for i in range(counts[split]):
+                    draw_example(class_id, spec["image_size"], rng).save(class_dir / f"{i:05d}.png")
+        write_json(tmp / "synthetic.json", provenance({"seed": config["seed"], "synthetic": spec}))
+
+
+# -- validation and the manifest -------------------------------------------------------------
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode any supported image to 8-bit RGB; raise ValueError naming the file if it cannot be."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: PIL's convert("RGB") clips, so scale to 8 bits first.
+        array = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray((array / max(array.max(), 1) * 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return im.convert("RGB")
+
+
+def _scan(root: Path, split: str) -> dict[str, list[Path]]:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"image folder {root} has no '{split}/' directory")
+    classes = {}
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        classes[class_dir.name] = sorted(p for p in class_dir.rglob("*")
+                                         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return classes
+
+
+def run_prepare(config: dict, data_root: str | Path, out_dir: str | Path) -> None:
+    """Validate every image of the folder and write manifest.json and report.json.
+
+    A bad image stops the run with its path, or with `data.on_bad_image: skip` is left out and
+    listed in the report.
+    """
+    root = Path(data_root)
+    policy = config["data"]["on_bad_image"]
+    scanned = {split: _scan(root, split) for split in SPLITS}
+    classes = [name for name, files in scanned["train"].items() if files]
+    if len(classes) < 2:
+        raise ValueError(f"{root}/train needs at least two non-empty class folders, found {len(classes)}")
+    unknown = sorted(set(name for name, files in scanned["val"].items() if files) - set(classes))
+    if unknown:
+        raise ValueError(f"{root}/val has classes that are not in train: {unknown}")
+    class_id = {name: i for i, name in enumerate(classes)}
+
+    splits, skipped = {}, []
+    for split in SPLITS:
+        entries = []
+        for name in classes:
+            for path in scanned[split].get(name, []):
+                try:
+                    with load_image(path) as im:
+                        width, height = im.size
+                except ValueError as e:
+                    if policy == "error":
+                        raise ValueError(f"{e} (set data.on_bad_image: skip to skip such files)") from None
+                    skipped.append({"path": str(path), "reason": str(e)})
+                    continue
+                entries.append({"path": str(path), "label": class_id[name], "width": width,
+                                "height": height, "sha256": sha256_file(path)})
+        if not entries:
+            raise ValueError(f"{root}/{split} has no readable images")
+        splits[split] = entries
+
+    empty = sorted(name for split in SPLITS for name, files in scanned[split].items() if not files)
+    report = {
+        "root": str(root),
+        "num_classes": len(classes),
+        "images": {split: len(entries) for split, entries in splits.items()},
+        "skipped": len(skipped),
+        "skipped_files": skipped,
+        "empty_class_folders": empty,
+        "on_bad_image": policy,
+    }
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "manifest.json", {"root": str(root), "classes": classes, "splits": splits})
+        write_json(tmp / "report.json", report | {"provenance": provenance({"data": config["data"]})})
+    print(f"prepare: {report['images']} images in {len(classes)} classes, {len(skipped)} skipped")
+
+
+def load_manifest(path: str | Path) -> dict:
+    manifest = read_json(path)
+    if not {"classes", "splits"} <= manifest.keys():
+        raise ValueError(f"{path} is not a digit manifest (needs 'classes' and 'splits')")
+    return manifest
+
+
+# -- loading for the stages ------------------------------------------------------------------
+
+def preprocess(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the shorter side to `size` and center-crop: uint8 tensor [3, size, size]."""
+    tensor = TF.pil_to_tensor(image)
+    tensor = TF.resize(tensor, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(tensor, [size, size])
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255]."""
+    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """The images of one split of a manifest, in manifest order, as uint8 [3, size, size] tensors."""
+
+    def __init__(self, manifest: dict, split: str, size: int, view: str = "identity"):
+        if view not in ("identity", "hflip"):
+            raise ValueError(f"unknown view '{view}' (expected identity or hflip)")
+        self.entries = manifest["splits"][split]
+        self.size = size
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def labels(self) -> np.ndarray:
+        return np.array([e["label"] for e in self.entries], dtype=np.int64)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        entry = self.entries[index]
+        image = preprocess(load_image(entry["path"]), self.size)
+        if self.view == "hflip":
+            image = image.flip(-1)
+        return image, entry["label"]

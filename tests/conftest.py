@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny config derived from the demo config, and a tiny image folder."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from digit.config import load_config, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shrink(config: dict) -> dict:
+    """The demo config cut down so that every stage runs in seconds."""
+    c = copy.deepcopy(config)
+    c["experiment"] = "tiny"
+    c["data"]["synthetic"].update(num_classes=3, train_per_class=8, val_per_class=4, image_size=32)
+    c["data"]["image_size"] = 32
+    c["encoder"]["overrides"].update(img_size=32, embed_dim=48, depth=4, num_heads=2)
+    c["encoder"]["batch_size"] = 8
+    c["kmeans"].update(k=16, iterations=5, sample_fraction=1.0)
+    c["tokenize"]["batch_size"] = 8
+    c["vq"].update(codebook_size=32, code_dim=8, channels=[16, 16, 16], steps=5, batch_size=4)
+    for stage in ("stage1", "stage2"):
+        c[stage].update(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3)
+    c["sample"].update(per_class=2, batch_size=4, top_k=8)
+    c["evaluate"]["batch_size"] = 8
+    c["classifier"].update(steps=5, batch_size=4)
+    return validate(c, source="tiny test config")
+
+
+@pytest.fixture
+def demo_config() -> dict:
+    return load_config(REPO / "config" / "config.yaml")
+
+
+@pytest.fixture
+def tiny_config(demo_config) -> dict:
+    return shrink(demo_config)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run the test from an empty directory so that results/ lands in tmp."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,66 @@
+# Config, paths and the command every rule runs. The library (digit/) knows nothing of Snakemake.
+import shlex
+
+import yaml
+
+
+if not workflow.configfiles:
+    configfile: "config/config.yaml"
+if len(workflow.configfiles) != 1:
+    raise WorkflowError(
+        "give one experiment config with --configfile "
+        f"(got {len(workflow.configfiles)}: {workflow.configfiles})"
+    )
+CONFIGFILE = workflow.configfiles[0]
+validate(config, "../schemas/config.schema.yaml")
+with open(CONFIGFILE) as f:
+    if yaml.safe_load(f) != config:
+        raise WorkflowError(
+            f"--config overrides are not supported: every stage reads {CONFIGFILE}; "
+            "edit the file or copy it to a new experiment config"
+        )
+
+R = f"results/{config['experiment']}"
+SYNTHETIC = config["data"]["source"] == "synthetic"
+DATA = f"{R}/data" if SYNTHETIC else config["data"]["root"]
+REPORT_OUTPUTS = [f"{R}/metrics.json", f"{R}/grid.png"] + [
+    f"{R}/curves/{name}.tsv" for name in ("vq", "stage1", "stage2")
+]
+
+# The config keys each stage depends on: a change re-runs that stage and what follows.
+# dvc.yaml declares the same keys as the stage's params (tests/test_workflow.py checks).
+STAGE_PARAMS = {
+    "synthesize": ["seed", "data.synthetic"],
+    "prepare": ["data"],
+    "features": ["device", "data.image_size", "encoder", "kmeans.sample_fraction", "kmeans.seed"],
+    "kmeans": ["device", "kmeans"],
+    "tokenize": ["device", "data.image_size", "encoder", "tokenize"],
+    "train_vq": ["device", "seed", "data.image_size", "vq"],
+    "tokenize_vq": ["device", "data.image_size", "tokenize"],
+    "train_ar": ["device", "seed", "stage1"],
+    "train_decoder": ["device", "seed", "stage2"],
+    "sample": ["device", "data.image_size", "sample"],
+    "train_classifier": ["device", "seed", "data.image_size", "classifier"],
+    "evaluate": ["device", "evaluate"],
+    "report": ["experiment"],
+}
+
+
+def stage_params(rule_name):
+    """The config values a stage depends on, as a Snakemake param (re-run trigger)."""
+    values = {}
+    for key in STAGE_PARAMS[rule_name]:
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        values[key] = node
+    return values
+
+
+def digit(arguments):
+    """The shell command of a stage: the digit CLI on this experiment's config, logged."""
+    return (
+        "OMP_NUM_THREADS={threads} digit "
+        + arguments
+        + f" --config {shlex.quote(CONFIGFILE)} > {{log}} 2>&1"
+    )

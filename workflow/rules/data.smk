@@ -1,0 +1,25 @@
+# The image folder: the embedded demo set (synthesize) and its validated manifest (prepare).
+
+
+rule synthesize:
+    output:
+        directory(f"{R}/data"),
+    params:
+        config=stage_params("synthesize"),
+    log:
+        f"{R}/logs/synthesize.log",
+    shell:
+        digit("synthesize --out {output}")
+
+
+rule prepare:
+    input:
+        data=DATA,
+    output:
+        directory(f"{R}/prepare"),
+    params:
+        config=stage_params("prepare"),
+    log:
+        f"{R}/logs/prepare.log",
+    shell:
+        digit("prepare --data {input.data:q} --out {output}")

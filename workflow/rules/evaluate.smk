@@ -1,0 +1,69 @@
+# Samples, their metrics against the val images, and the experiment's report.
+
+
+rule sample:
+    input:
+        stage1=f"{R}/stage1",
+        stage2=f"{R}/stage2",
+        vq=f"{R}/vq",
+    output:
+        directory(f"{R}/samples"),
+    params:
+        config=stage_params("sample"),
+    log:
+        f"{R}/logs/sample.log",
+    shell:
+        digit(
+            "sample --stage1 {input.stage1} --stage2 {input.stage2} --vq {input.vq} --out {output}"
+        )
+
+
+rule train_classifier:
+    input:
+        f"{R}/prepare",
+    output:
+        directory(f"{R}/classifier"),
+    params:
+        config=stage_params("train_classifier"),
+    log:
+        f"{R}/logs/train_classifier.log",
+    shell:
+        digit("train-classifier --manifest {input}/manifest.json --out {output}")
+
+
+rule evaluate:
+    input:
+        samples=f"{R}/samples",
+        prepare=f"{R}/prepare",
+        classifier=f"{R}/classifier",
+    output:
+        directory(f"{R}/evaluate"),
+    params:
+        config=stage_params("evaluate"),
+    log:
+        f"{R}/logs/evaluate.log",
+    shell:
+        digit(
+            "evaluate --samples {input.samples} --manifest {input.prepare}/manifest.json "
+            "--classifier {input.classifier} --out {output}"
+        )
+
+
+rule report:
+    input:
+        evaluate=f"{R}/evaluate",
+        stage1=f"{R}/stage1",
+        stage2=f"{R}/stage2",
+        vq=f"{R}/vq",
+        samples=f"{R}/samples",
+    output:
+        REPORT_OUTPUTS,
+    params:
+        config=stage_params("report"),
+    log:
+        f"{R}/logs/report.log",
+    shell:
+        digit(
+            "report --evaluate {input.evaluate} --stage1 {input.stage1} --stage2 {input.stage2} "
+            "--vq {input.vq} --samples {input.samples} --out {R}"
+        )

@@ -1,0 +1,30 @@
+# The two transformers: stage 1 (discriminative tokens) and stage 2 (discriminative -> VQ tokens).
+
+
+rule train_ar:
+    input:
+        f"{R}/tokens",
+    output:
+        directory(f"{R}/stage1"),
+    params:
+        config=stage_params("train_ar"),
+    log:
+        f"{R}/logs/train_ar.log",
+    shell:
+        digit("train-ar --tokens {input} --out {output}")
+
+
+rule train_decoder:
+    input:
+        tokens=f"{R}/tokens",
+        vq_tokens=f"{R}/vq_tokens",
+    output:
+        directory(f"{R}/stage2"),
+    params:
+        config=stage_params("train_decoder"),
+    log:
+        f"{R}/logs/train_decoder.log",
+    shell:
+        digit(
+            "train-decoder --tokens {input.tokens} --vq-tokens {input.vq_tokens} --out {output}"
+        )

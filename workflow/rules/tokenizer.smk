@@ -1,0 +1,44 @@
+# The discriminative tokenizer: encoder features of a train sample, K-means codebook, token cache.
+
+
+rule features:
+    input:
+        f"{R}/prepare",
+    output:
+        directory(f"{R}/features"),
+    params:
+        config=stage_params("features"),
+    log:
+        f"{R}/logs/features.log",
+    shell:
+        digit("features --manifest {input}/manifest.json --out {output}")
+
+
+rule kmeans:
+    input:
+        f"{R}/features",
+    output:
+        directory(f"{R}/codebook"),
+    params:
+        config=stage_params("kmeans"),
+    log:
+        f"{R}/logs/kmeans.log",
+    shell:
+        digit("kmeans --features {input} --out {output}")
+
+
+rule tokenize:
+    input:
+        prepare=f"{R}/prepare",
+        codebook=f"{R}/codebook",
+    output:
+        directory(f"{R}/tokens"),
+    params:
+        config=stage_params("tokenize"),
+    log:
+        f"{R}/logs/tokenize.log",
+    shell:
+        digit(
+            "tokenize --manifest {input.prepare}/manifest.json "
+            "--codebook {input.codebook} --out {output}"
+        )

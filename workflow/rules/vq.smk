@@ -1,0 +1,31 @@
+# The pixel tokenizer: a VQ autoencoder trained on the images, and the VQ token cache.
+
+
+rule train_vq:
+    input:
+        f"{R}/prepare",
+    output:
+        directory(f"{R}/vq"),
+    params:
+        config=stage_params("train_vq"),
+    log:
+        f"{R}/logs/train_vq.log",
+    shell:
+        digit("train-vq --manifest {input}/manifest.json --out {output}")
+
+
+rule tokenize_vq:
+    input:
+        prepare=f"{R}/prepare",
+        vq=f"{R}/vq",
+    output:
+        directory(f"{R}/vq_tokens"),
+    params:
+        config=stage_params("tokenize_vq"),
+    log:
+        f"{R}/logs/tokenize_vq.log",
+    shell:
+        digit(
+            "tokenize-vq --manifest {input.prepare}/manifest.json "
+            "--vq {input.vq} --out {output}"
+        )
