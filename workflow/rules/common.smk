@@ -1,4 +1,5 @@
 # Config, paths and the command every rule runs. The library (digit/) knows nothing of Snakemake.
+import os
 import shlex
 
 import yaml
@@ -11,7 +12,7 @@ if len(workflow.configfiles) != 1:
         "give one experiment config with --configfile "
         f"(got {len(workflow.configfiles)}: {workflow.configfiles})"
     )
-CONFIGFILE = workflow.configfiles[0]
+CONFIGFILE = str(workflow.configfiles[0])
 validate(config, "../schemas/config.schema.yaml")
 with open(CONFIGFILE) as f:
     if yaml.safe_load(f) != config:

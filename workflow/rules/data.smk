@@ -1,15 +1,19 @@
 # The image folder: the embedded demo set (synthesize) and its validated manifest (prepare).
 
 
-rule synthesize:
-    output:
-        directory(f"{R}/data"),
-    params:
-        config=stage_params("synthesize"),
-    log:
-        f"{R}/logs/synthesize.log",
-    shell:
-        digit("synthesize --out {output}")
+if SYNTHETIC:
+
+    rule synthesize:
+        output:
+            directory(f"{R}/data"),
+        params:
+            config=stage_params("synthesize"),
+        log:
+            f"{R}/logs/synthesize.log",
+        conda:
+            "../../environment.yml"
+        shell:
+            digit("synthesize --out {output}")
 
 
 rule prepare:
@@ -21,5 +25,7 @@ rule prepare:
         config=stage_params("prepare"),
     log:
         f"{R}/logs/prepare.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit("prepare --data {input.data:q} --out {output}")

@@ -12,6 +12,8 @@ rule sample:
         config=stage_params("sample"),
     log:
         f"{R}/logs/sample.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit(
             "sample --stage1 {input.stage1} --stage2 {input.stage2} --vq {input.vq} --out {output}"
@@ -27,6 +29,8 @@ rule train_classifier:
         config=stage_params("train_classifier"),
     log:
         f"{R}/logs/train_classifier.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit("train-classifier --manifest {input}/manifest.json --out {output}")
 
@@ -42,6 +46,8 @@ rule evaluate:
         config=stage_params("evaluate"),
     log:
         f"{R}/logs/evaluate.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit(
             "evaluate --samples {input.samples} --manifest {input.prepare}/manifest.json "
@@ -60,10 +66,13 @@ rule report:
         REPORT_OUTPUTS,
     params:
         config=stage_params("report"),
+        out=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{R}/logs/report.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit(
             "report --evaluate {input.evaluate} --stage1 {input.stage1} --stage2 {input.stage2} "
-            "--vq {input.vq} --samples {input.samples} --out {R}"
+            "--vq {input.vq} --samples {input.samples} --out {params.out}"
         )

@@ -10,6 +10,8 @@ rule train_ar:
         config=stage_params("train_ar"),
     log:
         f"{R}/logs/train_ar.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit("train-ar --tokens {input} --out {output}")
 
@@ -24,6 +26,8 @@ rule train_decoder:
         config=stage_params("train_decoder"),
     log:
         f"{R}/logs/train_decoder.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit(
             "train-decoder --tokens {input.tokens} --vq-tokens {input.vq_tokens} --out {output}"

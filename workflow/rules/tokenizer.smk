@@ -10,6 +10,8 @@ rule features:
         config=stage_params("features"),
     log:
         f"{R}/logs/features.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit("features --manifest {input}/manifest.json --out {output}")
 
@@ -23,6 +25,8 @@ rule kmeans:
         config=stage_params("kmeans"),
     log:
         f"{R}/logs/kmeans.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit("kmeans --features {input} --out {output}")
 
@@ -37,6 +41,8 @@ rule tokenize:
         config=stage_params("tokenize"),
     log:
         f"{R}/logs/tokenize.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit(
             "tokenize --manifest {input.prepare}/manifest.json "

@@ -10,6 +10,8 @@ rule train_vq:
         config=stage_params("train_vq"),
     log:
         f"{R}/logs/train_vq.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit("train-vq --manifest {input}/manifest.json --out {output}")
 
@@ -24,6 +26,8 @@ rule tokenize_vq:
         config=stage_params("tokenize_vq"),
     log:
         f"{R}/logs/tokenize_vq.log",
+    conda:
+        "../../environment.yml"
     shell:
         digit(
             "tokenize-vq --manifest {input.prepare}/manifest.json "
