@@ -1,0 +1,199 @@
+"""Sample quality: FID, IS and KID with torch-fidelity, and CAS (classification accuracy score).
+
+CAS is the accuracy, on the generated samples and their conditioning labels, of a classifier
+trained on real train images: class-conditional samples that look like their class score high.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_fidelity
+import torchvision
+from safetensors.torch import load_file, save_file
+
+from digit.config import resolve_device
+from digit.data import ImageDataset, load_image, load_manifest, preprocess, to_float
+from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.vq import random_batches
+
+WIDTHS = (16, 32, 64, 128)
+LOG_EVERY = 10
+
+
+def classifier_net(num_classes: int) -> nn.Sequential:
+    """Four stride-2 conv-BN-ReLU layers, global average pool, linear: any image size."""
+    layers, c_in = [], 3
+    for width in WIDTHS:
+        layers += [nn.Conv2d(c_in, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        c_in = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int, device) -> float:
+    """Fraction of (uint8 image, label) pairs of `dataset` that `model` classifies right."""
+    correct = 0
+    for images, labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        correct += (model(to_float(images).to(device)).argmax(1).cpu() == labels).sum().item()
+    return correct / len(dataset)
+
+
+def run_train_classifier(config: dict, manifest_path: str | Path, out_dir: str | Path) -> None:
+    """Train the CAS classifier on real train images (random flips); record its val accuracy."""
+    cfg, size = config["classifier"], config["data"]["image_size"]
+    device = resolve_device(config)
+    torch.manual_seed(config["seed"])
+    manifest = load_manifest(manifest_path)
+    model = classifier_net(len(manifest["classes"])).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / cfg["steps"])))
+    batches = random_batches(manifest, size, cfg["batch_size"], config["seed"])
+    with atomic_dir(out_dir) as tmp:
+        with (tmp / "log.tsv").open("w") as log:
+            log.write("step\tloss\taccuracy\n")
+            window = []
+            for step in range(1, cfg["steps"] + 1):
+                images, labels = next(batches)
+                logits = model(to_float(images).to(device))
+                loss = F.cross_entropy(logits, labels.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                window.append(torch.stack([loss.detach(), (logits.argmax(1) == labels.to(device)).float().mean()]))
+                if step % LOG_EVERY == 0 or step == cfg["steps"]:
+                    loss_mean, acc_mean = torch.stack(window).mean(0).tolist()
+                    log.write(f"{step}\t{loss_mean:.5f}\t{acc_mean:.4f}\n")
+                    window = []
+        model.eval()
+        val_accuracy = accuracy(model, ImageDataset(manifest, "val", size), cfg["batch_size"], device)
+        save_file(model.state_dict(), tmp / "model.safetensors")
+        write_json(tmp / "model.json", {
+            "num_classes": len(manifest["classes"]), "classes": manifest["classes"], "image_size": size,
+            "widths": list(WIDTHS), "steps": cfg["steps"], "val_accuracy": val_accuracy,
+            "provenance": provenance({"seed": config["seed"], "data": config["data"], "classifier": cfg},
+                                     {"manifest": manifest_path}),
+        })
+    print(f"train-classifier: val accuracy {val_accuracy:.3f}")
+
+
+def load_classifier(classifier_dir: str | Path, device="cpu") -> tuple[nn.Module, dict]:
+    meta = read_json(Path(classifier_dir) / "model.json")
+    if list(meta["widths"]) != list(WIDTHS):
+        raise ValueError(f"{classifier_dir} holds a classifier of widths {meta['widths']}, this code builds {WIDTHS}")
+    model = classifier_net(meta["num_classes"])
+    model.load_state_dict(load_file(Path(classifier_dir) / "model.safetensors"))
+    return model.to(device).eval(), meta
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Generated samples: images/<index>.png in index order with their conditioning labels."""
+
+    def __init__(self, samples_dir: str | Path, size: int):
+        samples_dir = Path(samples_dir)
+        self.paths = sorted((samples_dir / "images").glob("*.png"))
+        if not self.paths:
+            raise FileNotFoundError(f"no PNG samples in {samples_dir / 'images'}")
+        self.labels = np.load(samples_dir / "samples.npz")["labels"].astype(np.int64)
+        if len(self.labels) != len(self.paths):
+            raise ValueError(f"{samples_dir}: {len(self.paths)} images but {len(self.labels)} labels in samples.npz")
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return preprocess(load_image(self.paths[index]), self.size), int(self.labels[index])
+
+
+class ImagesOnly(torch.utils.data.Dataset):
+    """The uint8 images of an (image, label) dataset: the input form torch-fidelity accepts."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.dataset[index][0]
+
+
+def generate_inception_weights(path: str | Path, seed: int) -> None:
+    """Deterministic random weights for torch-fidelity's InceptionV3, in the state-dict form it loads.
+
+    Its module names are torchvision's, so torchvision's InceptionV3 with 1008 classes has exactly
+    its parameters. Convolutions get He init so that activations keep their scale through the depth.
+    With these weights FID and IS rank sample sets but are not comparable with published numbers.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+        for module in net.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+
+
+def fidelity_metrics(samples: str | Path, reference: torch.utils.data.Dataset, weights: str | Path,
+                     batch_size: int, cuda: bool, seed: int, cache_root: str | Path) -> dict:
+    """FID, IS and KID of a folder of samples against a reference dataset of uint8 images; no downloads."""
+    n_samples = len(list(Path(samples).glob("*.png")))
+    raw = torch_fidelity.calculate_metrics(
+        input1=str(samples), input2=reference, cuda=cuda, batch_size=batch_size,
+        fid=True, isc=True, kid=True, isc_splits=min(10, n_samples),
+        kid_subset_size=min(1000, n_samples, len(reference)),
+        feature_extractor_weights_path=str(weights), rng_seed=seed,
+        cache=False, cache_root=str(cache_root), datasets_download=False, verbose=False,
+        save_cpu_ram=not cuda)  # image-decoding workers only pay off when a GPU runs the Inception
+    return {"fid": raw["frechet_inception_distance"],
+            "inception_score": raw["inception_score_mean"], "inception_score_std": raw["inception_score_std"],
+            "kid": raw["kernel_inception_distance_mean"], "kid_std": raw["kernel_inception_distance_std"]}
+
+
+def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Path,
+                 classifier_dir: str | Path, out_dir: str | Path) -> None:
+    """metrics.json: FID/IS/KID against the val images, and CAS of the samples."""
+    weights = config["evaluate"]["inception_weights"]
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"config key 'evaluate.inception_weights': no such file {weights}")
+    device = resolve_device(config)
+    size, batch_size = config["data"]["image_size"], config["evaluate"]["batch_size"]
+    manifest = load_manifest(manifest_path)
+    samples = SampleDataset(samples_dir, size)
+    classifier, classifier_meta = load_classifier(classifier_dir, device)
+    if classifier_meta["classes"] != manifest["classes"]:
+        raise ValueError(f"{classifier_dir} was trained on other classes than {manifest_path} lists")
+
+    with atomic_dir(out_dir) as tmp:
+        if weights is None:
+            weights = tmp / "inception-generated.pth"
+            generate_inception_weights(weights, config["seed"])
+        reference = ImagesOnly(ImageDataset(manifest, "val", size))
+        with tempfile.TemporaryDirectory() as cache_root:
+            metrics = fidelity_metrics(Path(samples_dir) / "images", reference, weights, batch_size,
+                                       device.type == "cuda", config["seed"], cache_root)
+        calibrated = config["evaluate"]["inception_weights"] is not None
+        metrics |= {
+            "cas": accuracy(classifier, samples, batch_size, device),
+            "chance": 1 / len(manifest["classes"]),
+            "classifier_val_accuracy": classifier_meta["val_accuracy"],
+            "num_samples": len(samples), "num_reference": len(reference),
+            "fid_calibrated": calibrated,
+            "inception_weights": str(weights) if calibrated else "generated",
+            "inception_weights_sha256": sha256_file(weights),
+        }
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "provenance.json", provenance(
+            {"seed": config["seed"], "data": config["data"], "evaluate": config["evaluate"]},
+            {"manifest": manifest_path, "samples": Path(samples_dir) / "samples.npz",
+             "classifier": Path(classifier_dir) / "model.safetensors"}))
+    print(f"evaluate: FID {metrics['fid']:.3f}, IS {metrics['inception_score']:.3f}, "
+          f"CAS {metrics['cas']:.3f} (chance {metrics['chance']:.3f})")

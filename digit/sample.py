@@ -1,0 +1,109 @@
+"""Generation: class -> discriminative tokens (stage 1) -> VQ tokens (stage 2) -> pixels (VQ decoder)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torchvision.utils import make_grid
+
+from digit.config import resolve_device
+from digit.data import to_uint8
+from digit.gpt import GPT, GPTConfig
+from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.vq import load_vq
+
+GRID_COLUMNS = 10
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """uint8 [3, H, W] -> PNG file."""
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+
+
+def load_stage(stage_dir: str | Path, device) -> tuple[GPT, dict]:
+    """A trained stage (train.run_train_ar / run_train_decoder output) and its model.json."""
+    stage_dir = Path(stage_dir)
+    meta = read_json(stage_dir / "model.json")
+    model = GPT(GPTConfig(**meta["model"]))
+    model.load_state_dict(load_file(stage_dir / "model.safetensors"))
+    return model.to(device).eval(), meta
+
+
+def check_chain(stage1: dict, stage2: dict, vq: dict, vq_sha256: str, image_size: int) -> None:
+    """Stage 2 must have been trained on the tokens stage 1 makes and on the codes of this VQ model."""
+    pairs = {
+        "codebook_sha256 (stage 1 vs stage 2)": (stage1["codebook_sha256"], stage2["codebook_sha256"]),
+        "sem vocab_size (stage 1 vs stage 2)": (stage1["vocab_size"], stage2["sem_vocab_size"]),
+        "sem seq_len (stage 1 vs stage 2)": (stage1["seq_len"], stage2["sem_seq_len"]),
+        "vq_sha256 (stage 2 vs VQ model)": (stage2["vq_sha256"], vq_sha256),
+        "vq grid (stage 2 vs VQ model)": (stage2["vq_grid"], vq["grid"]),
+        "image size (VQ model vs data.image_size)": (vq["image_size"], image_size),
+    }
+    wrong = [f"{name}: {a!r} != {b!r}" for name, (a, b) in pairs.items() if a != b]
+    if wrong:
+        raise ValueError("stage 1, stage 2 and the VQ model do not fit together: " + "; ".join(wrong))
+
+
+@torch.no_grad()
+def generate_tokens(stage1: GPT, stage2: GPT, conditions: torch.Tensor, sc: dict, sep: int,
+                    generator: torch.Generator, precisions: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-1 prefix tokens [B] (class ids, or the start token 0) -> (sem tokens [B, T_sem], VQ tokens
+    [B, T_vq]); each stage runs under the precision it was trained in."""
+    device = conditions.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=precisions[0] == "bf16"):
+        sem = stage1.generate(conditions[:, None], temperature=sc["temperature"], top_k=sc["top_k"],
+                              generator=generator)
+    prefix = torch.cat([sem, torch.full_like(sem[:, :1], sep)], dim=1)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=precisions[1] == "bf16"):
+        vq = stage2.generate(prefix, top_p=sc["stage2_top_p"], generator=generator)
+    return sem, vq
+
+
+def run_sample(config: dict, stage1_dir: str | Path, stage2_dir: str | Path, vq_dir: str | Path,
+               out_dir: str | Path) -> None:
+    """sample.per_class images of every class, in class order: images/<index>.png, samples.npz, grid.png."""
+    sc, device = config["sample"], resolve_device(config)
+    stage1, meta1 = load_stage(stage1_dir, device)
+    stage2, meta2 = load_stage(stage2_dir, device)
+    vq_weights = Path(vq_dir) / "model.safetensors"
+    vq_meta = read_json(Path(vq_dir) / "model.json")
+    check_chain(meta1, meta2, vq_meta, sha256_file(vq_weights), config["data"]["image_size"])
+    vq = load_vq(vq_dir, device)
+
+    num_classes = meta1["num_classes"]
+    labels = torch.arange(num_classes).repeat_interleave(sc["per_class"])
+    # an unconditional stage 1 has one start token: every sample gets it, and no class
+    conditions = labels if meta1["class_conditional"] else torch.zeros_like(labels)
+    precisions = (meta1["training"]["precision"], meta2["training"]["precision"])
+    generator = torch.Generator(device).manual_seed(sc["seed"])
+    # the grid: one row per class, its first GRID_COLUMNS samples
+    columns = min(GRID_COLUMNS, sc["per_class"])
+    in_grid = torch.arange(len(labels)) % sc["per_class"] < columns
+    sems, vqs, grid = [], [], []
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "images").mkdir()
+        for offsets in torch.arange(len(labels)).split(sc["batch_size"]):
+            sem, codes = generate_tokens(stage1, stage2, conditions[offsets].to(device), sc, meta2["sep_token"],
+                                         generator, precisions)
+            images = to_uint8(vq.decode_indices(codes.view(len(codes), *vq_meta["grid"]))).cpu()
+            for i, image in zip(offsets.tolist(), images):
+                save_png(image, tmp / "images" / f"{i:06d}.png")
+            grid.append(images[in_grid[offsets]])
+            sems.append(sem.cpu())
+            vqs.append(codes.cpu())
+        saved_labels = labels.numpy() if meta1["class_conditional"] else np.full(len(labels), -1)
+        np.savez(tmp / "samples.npz", sem=torch.cat(sems).numpy().astype(np.uint16),
+                 vq=torch.cat(vqs).numpy().astype(np.uint16), labels=saved_labels)
+        save_png(make_grid(torch.cat(grid), nrow=columns, padding=2), tmp / "grid.png")
+        write_json(tmp / "meta.json", {
+            "num_samples": len(labels), "per_class": sc["per_class"], "num_classes": num_classes,
+            "classes": meta1["classes"], "class_conditional": meta1["class_conditional"],
+            "image_size": config["data"]["image_size"],
+            "provenance": provenance({"device": config["device"], "sample": sc},
+                                     {"stage1": Path(stage1_dir) / "model.safetensors",
+                                      "stage2": Path(stage2_dir) / "model.safetensors", "vq": vq_weights}),
+        })
+    print(f"sample: {len(labels)} images in {out_dir}")

@@ -1,0 +1,88 @@
+"""The transformer: sizes of the paper's models, masking, KV-cache sampling, top-k/top-p."""
+import pytest
+import torch
+
+from digit.gpt import GPT, PRESETS, GPTConfig, build, sample_logits
+
+SMALL = dict(n_layer=2, n_head=2, n_embd=32, n_ffn=64)
+STAGE1 = GPTConfig(vocab_size=16, seq_len=10, prefix_vocab_size=3, prefix_len=1, **SMALL)
+STAGE2 = GPTConfig(vocab_size=24, seq_len=10, prefix_vocab_size=17, prefix_len=11, **SMALL)
+
+
+def model(cfg: GPTConfig) -> GPT:
+    torch.manual_seed(0)
+    return GPT(cfg).eval()
+
+
+def batch(cfg: GPTConfig, b: int = 3):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randint(cfg.prefix_vocab_size, (b, cfg.prefix_len), generator=g),
+            torch.randint(cfg.vocab_size, (b, cfg.seq_len), generator=g))
+
+
+@pytest.mark.parametrize("preset, vocab, millions", [("base", 8192, 219), ("large", 16384, 732)])
+def test_paper_model_sizes(preset, vocab, millions):
+    with torch.device("meta"):
+        gpt = build(preset, vocab_size=vocab, seq_len=256, prefix_vocab_size=1000, prefix_len=1)
+    assert round(sum(p.numel() for p in gpt.parameters()) / 1e6) == millions
+    assert PRESETS[preset]["n_embd"] == {"base": 1024, "large": 1536}[preset]
+
+
+@pytest.mark.parametrize("cfg", [STAGE1, STAGE2], ids=["stage1", "stage2"])
+def test_a_target_never_sees_later_targets(cfg):
+    gpt = model(cfg)
+    prefix, tokens = batch(cfg)
+    logits = gpt(prefix, tokens[:, :-1])
+    assert logits.shape == (3, cfg.seq_len, cfg.vocab_size)  # one prediction per target, none for the prefix
+    for j in range(cfg.seq_len - 1):
+        changed = tokens.clone()
+        changed[:, j] = (changed[:, j] + 1) % cfg.vocab_size
+        new = gpt(prefix, changed[:, :-1])
+        # logits[:, i] predicts target i from targets < i: target j reaches logits j+1 onwards only
+        torch.testing.assert_close(new[:, : j + 1], logits[:, : j + 1], rtol=0, atol=0)
+        assert not torch.allclose(new[:, j + 1], logits[:, j + 1])
+
+
+def test_every_target_sees_the_whole_prefix():
+    gpt = model(STAGE2)
+    prefix, tokens = batch(STAGE2)
+    logits = gpt(prefix, tokens[:, :-1])
+    changed = prefix.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % STAGE2.prefix_vocab_size
+    new = gpt(changed, tokens[:, :-1])
+    assert not torch.isclose(new, logits).all(-1).any()
+
+
+@pytest.mark.parametrize("cfg", [STAGE1, STAGE2], ids=["stage1", "stage2"])
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 1.0), (0, 0.8)])
+def test_kv_cache_generation_equals_full_recompute(cfg, top_k, top_p):
+    gpt = model(cfg)
+    prefix, _ = batch(cfg, b=4)
+    cached = gpt.generate(prefix, temperature=1.3, top_k=top_k, top_p=top_p,
+                          generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    tokens = prefix.new_empty(4, 0)
+    with torch.no_grad():
+        for _ in range(cfg.seq_len):
+            logits = gpt(prefix, tokens)[:, -1]
+            tokens = torch.cat([tokens, sample_logits(logits, 1.3, top_k, top_p, g)[:, None]], 1)
+    assert torch.equal(cached, tokens)
+    assert cached.shape == (4, cfg.seq_len) and int(cached.max()) < cfg.vocab_size
+
+
+def test_top_k_and_top_p_keep_only_the_likely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_logits(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    assert set(sample_logits(logits, top_p=0.7, generator=g).tolist()) == {0, 1}
+    assert set(sample_logits(logits, top_p=0.4, generator=g).tolist()) == {0}
+    counts = torch.bincount(sample_logits(logits, generator=g), minlength=4) / 2000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
+
+
+def test_generation_under_bf16_autocast():
+    gpt = model(STAGE2)
+    prefix, _ = batch(STAGE2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = gpt.generate(prefix, top_p=0.8, generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (3, STAGE2.seq_len) and int(tokens.max()) < STAGE2.vocab_size

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from digit.data import ImageDataset, load_manifest, run_prepare, run_synthesize
+from digit.io import read_json, sha256_file
+from digit.metrics import (ImagesOnly, SampleDataset, fidelity_metrics, generate_inception_weights,
+                           run_evaluate, run_train_classifier)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "generated.pth"
+    generate_inception_weights(path, seed=0)
+    return path
+
+
+@pytest.fixture
+def manifest(tiny_config, in_tmp):
+    run_synthesize(tiny_config, in_tmp / "data")
+    run_prepare(tiny_config, in_tmp / "data", in_tmp / "prepare")
+    return in_tmp / "prepare" / "manifest.json"
+
+
+def write_samples(directory, images, labels):
+    (directory / "images").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(directory / "images" / f"{i:06d}.png")
+    np.savez(directory / "samples.npz", labels=np.asarray(labels, dtype=np.int64))
+
+
+def test_generated_weights_load_into_torch_fidelity(inception_weights, tmp_path):
+    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                            feature_extractor_weights_path=str(inception_weights))
+    features, logits = extractor((torch.rand(2, 3, 32, 32) * 255).to(torch.uint8))
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert torch.isfinite(features).all() and features.std() > 0
+    generate_inception_weights(tmp_path / "again.pth", seed=0)
+    assert torch.equal(torch.load(tmp_path / "again.pth")["fc.weight"], torch.load(inception_weights)["fc.weight"])
+
+
+def test_fid_is_zero_against_itself_and_positive_against_other_images(tiny_config, manifest, in_tmp,
+                                                                      inception_weights):
+    val = ImagesOnly(torch.utils.data.Subset(ImageDataset(load_manifest(manifest), "val", 32), range(0, 12, 2)))
+    write_samples(in_tmp / "same", [val[i] for i in range(len(val))], [0] * len(val))
+    noise = [(torch.rand(3, 32, 32) * 255).to(torch.uint8) for _ in range(len(val))]
+    write_samples(in_tmp / "noise", noise, [0] * len(val))
+    same = fidelity_metrics(in_tmp / "same" / "images", val, inception_weights, 8, False, 0, in_tmp / "cache")
+    other = fidelity_metrics(in_tmp / "noise" / "images", val, inception_weights, 8, False, 0, in_tmp / "cache")
+    assert abs(same["fid"]) < 1e-3 * other["fid"] and other["fid"] > 0
+    assert other["kid"] > same["kid"] and same["inception_score"] >= 1.0
+    assert not (in_tmp / "cache").exists() or not any((in_tmp / "cache").iterdir())
+
+
+def test_evaluate_cas_and_metrics_file(tiny_config, manifest, in_tmp):
+    run_train_classifier(tiny_config, manifest, in_tmp / "classifier")
+    classifier = read_json(in_tmp / "classifier" / "model.json")
+    assert 0 <= classifier["val_accuracy"] <= 1 and classifier["classes"] == load_manifest(manifest)["classes"]
+
+    # Samples that are the val images with their true labels: CAS is the classifier's val accuracy.
+    val = ImageDataset(load_manifest(manifest), "val", 32)
+    write_samples(in_tmp / "samples", [val[i][0] for i in range(len(val))], val.labels())
+    run_evaluate(tiny_config, in_tmp / "samples", manifest, in_tmp / "classifier", in_tmp / "evaluate")
+    metrics = read_json(in_tmp / "evaluate" / "metrics.json")
+    assert metrics["cas"] == pytest.approx(classifier["val_accuracy"])
+    assert metrics["chance"] == pytest.approx(1 / 3) and metrics["num_samples"] == 12
+    assert metrics["fid_calibrated"] is False and metrics["inception_weights"] == "generated"
+    assert metrics["inception_weights_sha256"] == sha256_file(in_tmp / "evaluate" / "inception-generated.pth")
+    assert abs(metrics["fid"]) < 1e-2 and {"inception_score", "inception_score_std", "kid"} <= metrics.keys()
+    assert all(not isinstance(v, (dict, list)) for v in metrics.values())
+
+
+def test_evaluate_rejects_a_missing_weights_file(tiny_config, in_tmp):
+    tiny_config["evaluate"]["inception_weights"] = str(in_tmp / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="evaluate.inception_weights"):
+        run_evaluate(tiny_config, in_tmp / "samples", in_tmp / "manifest.json", in_tmp / "classifier",
+                     in_tmp / "evaluate")
+
+
+def test_samples_must_match_their_labels(in_tmp):
+    write_samples(in_tmp / "samples", [torch.zeros(3, 32, 32, dtype=torch.uint8)] * 3, [0, 1])
+    with pytest.raises(ValueError, match="3 images but 2 labels"):
+        SampleDataset(in_tmp / "samples", 32)

@@ -1,0 +1,47 @@
+import json
+
+import pytest
+
+from digit.report import run_report
+
+LOGS = {
+    "vq": "step\tloss\trecon\tcommit\n10\t0.5\t0.4\t0.1\n20\t0.3\t0.25\t0.05\n",
+    "stage1": "step\tloss\tlr\ttokens_per_s\tgrad_norm\n5\t4.0\t0.001\t100\t1.0\n6\t3.5\t0.0009\t110\t0.9\n",
+    "stage2": "step\tloss\tlr\ttokens_per_s\tgrad_norm\n6\t2.5\t0.001\t90\t1.2\n",
+}
+
+
+@pytest.fixture
+def stage_dirs(in_tmp):
+    for stage, log in LOGS.items():
+        (in_tmp / stage).mkdir()
+        (in_tmp / stage / "log.tsv").write_text(log)
+    (in_tmp / "evaluate").mkdir()
+    (in_tmp / "evaluate" / "metrics.json").write_text(json.dumps({"fid": 12.5, "cas": 0.4, "chance": 0.1}))
+    (in_tmp / "samples").mkdir()
+    (in_tmp / "samples" / "grid.png").write_bytes(b"\x89PNG fake")
+    return {name: in_tmp / name for name in ("evaluate", "stage1", "stage2", "vq", "samples")}
+
+
+def report(config, dirs, out):
+    run_report(config, dirs["evaluate"], dirs["stage1"], dirs["stage2"], dirs["vq"], dirs["samples"], out)
+
+
+def test_report_outputs(tiny_config, stage_dirs, in_tmp):
+    out = in_tmp / "results" / "tiny"
+    report(tiny_config, stage_dirs, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == {"experiment": "tiny", "fid": 12.5, "cas": 0.4, "chance": 0.1,
+                       "vq_final_loss": 0.3, "vq_steps": 20, "stage1_final_loss": 3.5, "stage1_steps": 6,
+                       "stage2_final_loss": 2.5, "stage2_steps": 6}
+    for stage, log in LOGS.items():
+        assert (out / "curves" / f"{stage}.tsv").read_text() == log
+    assert (out / "grid.png").read_bytes() == b"\x89PNG fake"
+    assert "inputs" in json.loads((out / "report.json").read_text())
+
+
+def test_report_names_a_missing_log(tiny_config, stage_dirs, in_tmp):
+    (stage_dirs["stage2"] / "log.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match="stage2"):
+        report(tiny_config, stage_dirs, in_tmp / "out")
+    assert not (in_tmp / "out" / "metrics.json").exists()

@@ -1,0 +1,77 @@
+"""Sampling the whole chain (stage 1 -> stage 2 -> VQ decoder) from tiny trained stages."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from digit.io import sha256_file
+from digit.sample import run_sample
+from digit.train import run_train_ar, run_train_decoder
+from digit.vq import VQModel
+from test_train import CLASSES, K, K_VQ, N, sem_tokens, write_cache
+
+
+@pytest.fixture
+def chain(tiny_config, tmp_path):
+    """A random 8 px VQ model with a 4x4 grid of K_VQ codes, and both stages trained a few steps."""
+    tiny_config["data"]["image_size"] = 8
+    for stage in ("stage1", "stage2"):
+        tiny_config[stage]["precision"] = "fp32"
+    torch.manual_seed(0)
+    vq = VQModel(codebook_size=K_VQ, code_dim=4, channels=[8, 8], beta=0.25)
+    vq_dir = tmp_path / "vq"
+    vq_dir.mkdir()
+    save_file(vq.state_dict(), vq_dir / "model.safetensors")
+    (vq_dir / "model.json").write_text(json.dumps(
+        {"codebook_size": K_VQ, "code_dim": 4, "channels": [8, 8], "beta": 0.25, "image_size": 8, "grid": [4, 4]}))
+    labels = np.arange(N) % CLASSES
+    sem = sem_tokens(labels)
+    tokens = write_cache(tmp_path / "tokens", "discriminative", sem, labels, K, codebook_sha256="c" * 64)
+    vq_tokens = write_cache(tmp_path / "vq_tokens", "vq", (3 * sem + 1) % K_VQ, labels, K_VQ,
+                            vq_sha256=sha256_file(vq_dir / "model.safetensors"))
+    run_train_ar(tiny_config, tokens, tmp_path / "stage1")
+    run_train_decoder(tiny_config, tokens, vq_tokens, tmp_path / "stage2")
+    return tiny_config, tmp_path / "stage1", tmp_path / "stage2", vq_dir
+
+
+def test_sampling_writes_every_class_and_is_deterministic(chain, tmp_path):
+    config, stage1, stage2, vq = chain
+    run_sample(config, stage1, stage2, vq, tmp_path / "a")
+    run_sample(config, stage1, stage2, vq, tmp_path / "b")
+    per_class = config["sample"]["per_class"]
+    images = sorted((tmp_path / "a" / "images").glob("*.png"))
+    assert [p.name for p in images] == [f"{i:06d}.png" for i in range(CLASSES * per_class)]
+    assert Image.open(images[0]).size == (8, 8)
+    for a in images:
+        assert a.read_bytes() == (tmp_path / "b" / "images" / a.name).read_bytes()
+    samples = np.load(tmp_path / "a" / "samples.npz")
+    assert samples["sem"].shape == (CLASSES * per_class, 16) and samples["sem"].max() < K
+    assert samples["vq"].shape == (CLASSES * per_class, 16) and samples["vq"].max() < K_VQ
+    assert samples["labels"].tolist() == np.repeat(np.arange(CLASSES), per_class).tolist()
+    assert np.array_equal(samples["vq"], np.load(tmp_path / "b" / "samples.npz")["vq"])
+    # one row per class, per_class columns, 2 px padding
+    assert Image.open(tmp_path / "a" / "grid.png").size == (2 + per_class * 10, 2 + CLASSES * 10)
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["num_samples"] == CLASSES * per_class and meta["classes"] == ["c0", "c1", "c2"]
+
+
+def test_another_seed_gives_other_samples(chain, tmp_path):
+    config, stage1, stage2, vq = chain
+    run_sample(config, stage1, stage2, vq, tmp_path / "a")
+    config["sample"]["seed"] = 1
+    run_sample(config, stage1, stage2, vq, tmp_path / "b")
+    assert not np.array_equal(np.load(tmp_path / "a" / "samples.npz")["sem"],
+                              np.load(tmp_path / "b" / "samples.npz")["sem"])
+
+
+def test_refuses_a_vq_model_that_stage2_was_not_trained_for(chain, tmp_path):
+    config, stage1, stage2, vq = chain
+    torch.manual_seed(1)
+    save_file(VQModel(codebook_size=K_VQ, code_dim=4, channels=[8, 8], beta=0.25).state_dict(),
+              vq / "model.safetensors")
+    with pytest.raises(ValueError, match="vq_sha256"):
+        run_sample(config, stage1, stage2, vq, tmp_path / "samples")
+    assert not (tmp_path / "samples").exists()

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from digit.data import ImageDataset, load_manifest, run_prepare, run_synthesize, to_float
+from digit.io import read_json, sha256_file
+from digit.vq import Quantizer, VQModel, codebook_usage, load_vq, run_tokenize_vq, run_train_vq
+
+
+@pytest.fixture
+def manifest(tiny_config, in_tmp):
+    run_synthesize(tiny_config, in_tmp / "data")
+    run_prepare(tiny_config, in_tmp / "data", in_tmp / "prepare")
+    return in_tmp / "prepare" / "manifest.json"
+
+
+def test_straight_through_gradient_reaches_the_encoder():
+    torch.manual_seed(0)
+    model = VQModel(codebook_size=16, code_dim=4, channels=[8, 8, 8], beta=0.25)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon, z, indices, vq_loss = model(x)
+    assert recon.shape == x.shape and indices.shape == (2, 4, 4) and z.shape == (2, 4, 4, 4)
+    F.l1_loss(recon, x).backward()  # reconstruction only: the encoder gets gradient through the quantizer
+    first_conv = model.encoder[0].weight.grad
+    assert first_conv is not None and first_conv.abs().sum() > 0
+    assert model.quantizer.codebook.weight.grad is None or model.quantizer.codebook.weight.grad.abs().sum() == 0
+
+
+def test_vq_loss_pulls_codes_and_commits_encodings():
+    quantizer = Quantizer(codebook_size=4, code_dim=2, beta=0.25)
+    z = torch.randn(1, 2, 3, 3, requires_grad=True)
+    _, _, loss = quantizer(z)
+    loss.backward()
+    assert loss > 0 and quantizer.codebook.weight.grad.abs().sum() > 0 and z.grad.abs().sum() > 0
+
+
+def test_codebook_usage_and_perplexity():
+    usage, perplexity = codebook_usage(torch.tensor([0, 0, 1, 1]), codebook_size=4)
+    assert usage == 0.5 and perplexity == pytest.approx(2.0)
+    usage, perplexity = codebook_usage(torch.tensor([3, 3, 3]), codebook_size=4)
+    assert usage == 0.25 and perplexity == pytest.approx(1.0)
+
+
+def test_restart_moves_dead_codes_onto_encodings():
+    quantizer = Quantizer(codebook_size=8, code_dim=2, beta=0.25)
+    z = torch.randn(1, 2, 4, 4)
+    used = torch.tensor([True] * 4 + [False] * 4)
+    before = quantizer.codebook.weight.detach().clone()
+    quantizer.restart_dead(used, z, torch.Generator().manual_seed(0))
+    after = quantizer.codebook.weight.detach()
+    assert torch.equal(after[:4], before[:4])
+    encodings = z.permute(0, 2, 3, 1).flatten(0, 2)
+    assert all((encodings == code).all(1).any() for code in after[4:])
+
+
+def test_train_save_load_and_token_cache(tiny_config, manifest, in_tmp):
+    run_train_vq(tiny_config, manifest, in_tmp / "vq")
+    meta = read_json(in_tmp / "vq" / "model.json")
+    assert meta["grid"] == [8, 8] and meta["codebook_size"] == 32 and meta["provenance"]["inputs"]["manifest"]
+    log = (in_tmp / "vq" / "log.tsv").read_text().splitlines()
+    assert log[0].split("\t")[:6] == ["step", "loss", "recon", "commit", "usage", "perplexity"]
+    assert (in_tmp / "vq" / "recon.png").is_file()
+
+    # The loaded model is the trained one: it reproduces the validation loss recorded at training time.
+    model = load_vq(in_tmp / "vq")
+    val = ImageDataset(load_manifest(manifest), "val", 32)
+    images = to_float(torch.stack([val[i][0] for i in range(len(val))]))
+    indices = model.encode_indices(images)
+    recon = model.decode_indices(indices)
+    assert indices.shape == (len(val), 8, 8) and indices.dtype == torch.long
+    assert recon.shape == images.shape and recon.min() >= -1 and recon.max() <= 1
+    assert F.l1_loss(recon, images).item() == pytest.approx(meta["val"]["recon_l1"], rel=1e-4)
+
+    run_tokenize_vq(tiny_config, manifest, in_tmp / "vq", in_tmp / "vq_tokens")
+    tokens_meta = read_json(in_tmp / "vq_tokens" / "meta.json")
+    assert tokens_meta["kind"] == "vq" and tokens_meta["vocab_size"] == 32 and tokens_meta["grid"] == [8, 8]
+    assert tokens_meta["views"] == ["identity", "hflip"] and tokens_meta["num_classes"] == 3
+    assert tokens_meta["vq_sha256"] == sha256_file(in_tmp / "vq" / "model.safetensors")
+    for split, n in (("train", 24), ("val", 12)):
+        tokens = np.load(in_tmp / "vq_tokens" / f"{split}.npy")
+        labels = np.load(in_tmp / "vq_tokens" / f"{split}_labels.npy")
+        assert tokens.dtype == np.uint16 and tokens.shape == (n, 2, 64)
+        assert labels.dtype == np.int64 and labels.tolist() == [i // (n // 3) for i in range(n)]
+    val_tokens = np.load(in_tmp / "vq_tokens" / "val.npy")
+    assert np.array_equal(val_tokens[:, 0], indices.flatten(1).numpy())
+    flipped = model.encode_indices(images.flip(-1)).flatten(1).numpy()
+    assert np.array_equal(val_tokens[:, 1], flipped)
+
+
+def test_training_is_deterministic(tiny_config, manifest, in_tmp):
+    run_train_vq(tiny_config, manifest, in_tmp / "a")
+    run_train_vq(tiny_config, manifest, in_tmp / "b")
+    assert sha256_file(in_tmp / "a" / "model.safetensors") == sha256_file(in_tmp / "b" / "model.safetensors")
+
+
+def test_image_size_must_fit_the_downsampling(tiny_config, manifest, in_tmp):
+    tiny_config["vq"]["channels"] = [8] * 7  # downsampling 64 > 32 px images
+    with pytest.raises(ValueError, match="vq.channels"):
+        run_train_vq(tiny_config, manifest, in_tmp / "vq")
