@@ -164,7 +164,3 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(-1)
-
-
-def build(preset: str, **sizes) -> GPT:
-    return GPT(GPTConfig(**PRESETS[preset], **sizes))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from digit.gpt import GPT, PRESETS, GPTConfig, build, sample_logits
+from digit.gpt import GPT, PRESETS, GPTConfig, sample_logits
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, n_ffn=64)
 STAGE1 = GPTConfig(vocab_size=16, seq_len=10, prefix_vocab_size=3, prefix_len=1, **SMALL)
@@ -23,7 +23,7 @@ def batch(cfg: GPTConfig, b: int = 3):
 @pytest.mark.parametrize("preset, vocab, millions", [("base", 8192, 219), ("large", 16384, 732)])
 def test_paper_model_sizes(preset, vocab, millions):
     with torch.device("meta"):
-        gpt = build(preset, vocab_size=vocab, seq_len=256, prefix_vocab_size=1000, prefix_len=1)
+        gpt = GPT(GPTConfig(vocab_size=vocab, seq_len=256, prefix_vocab_size=1000, prefix_len=1, **PRESETS[preset]))
     assert round(sum(p.numel() for p in gpt.parameters()) / 1e6) == millions
     assert PRESETS[preset]["n_embd"] == {"base": 1024, "large": 1536}[preset]
 

@@ -33,9 +33,9 @@ REPORT_OUTPUTS = [f"{R}/metrics.json", f"{R}/grid.png"] + [
 STAGE_PARAMS = {
     "synthesize": ["seed", "data.synthetic"],
     "prepare": ["data"],
-    "features": ["device", "data.image_size", "encoder", "kmeans.sample_fraction", "kmeans.seed"],
+    "features": ["device", "seed", "data.image_size", "encoder", "kmeans.sample_fraction", "kmeans.seed"],
     "kmeans": ["device", "kmeans"],
-    "tokenize": ["device", "data.image_size", "encoder", "tokenize"],
+    "tokenize": ["device", "seed", "data.image_size", "encoder", "tokenize"],
     "train_vq": ["device", "seed", "data.image_size", "vq"],
     "tokenize_vq": ["device", "data.image_size", "tokenize"],
     "train_ar": ["device", "seed", "stage1"],
