@@ -229,3 +229,17 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.view == "hflip":
             image = image.flip(-1)
         return image, entry["label"]
+
+
+def random_batches(manifest: dict, size: int, batch_size: int, seed: int):
+    """Endless shuffled batches of train images (uint8), each image flipped with probability 1/2."""
+    dataset = ImageDataset(manifest, "train", size)
+    if len(dataset) < batch_size:
+        raise ValueError(f"batch size {batch_size} is larger than the train split ({len(dataset)} images)")
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         generator=generator)
+    while True:
+        for images, labels in loader:
+            flip = torch.rand(len(images), generator=generator) < 0.5
+            yield torch.where(flip[:, None, None, None], images.flip(-1), images), labels

@@ -18,9 +18,8 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 from digit.config import resolve_device
-from digit.data import ImageDataset, load_image, load_manifest, preprocess, to_float
+from digit.data import ImageDataset, load_image, load_manifest, preprocess, random_batches, to_float
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
-from digit.vq import random_batches
 
 WIDTHS = (16, 32, 64, 128)
 LOG_EVERY = 10
@@ -172,14 +171,14 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
     if classifier_meta["classes"] != manifest["classes"]:
         raise ValueError(f"{classifier_dir} was trained on other classes than {manifest_path} lists")
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
         if weights is None:
-            weights = tmp / "inception-generated.pth"
+            # Deterministic from the seed, so only its hash is kept, not the 96 MB file.
+            weights = Path(scratch) / "inception-generated.pth"
             generate_inception_weights(weights, config["seed"])
         reference = ImagesOnly(ImageDataset(manifest, "val", size))
-        with tempfile.TemporaryDirectory() as cache_root:
-            metrics = fidelity_metrics(Path(samples_dir) / "images", reference, weights, batch_size,
-                                       device.type == "cuda", config["seed"], cache_root)
+        metrics = fidelity_metrics(Path(samples_dir) / "images", reference, weights, batch_size,
+                                   device.type == "cuda", config["seed"], scratch)
         calibrated = config["evaluate"]["inception_weights"] is not None
         metrics |= {
             "cas": accuracy(classifier, samples, batch_size, device),

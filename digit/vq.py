@@ -19,7 +19,7 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 from digit.config import resolve_device
-from digit.data import ImageDataset, load_manifest, to_float, to_uint8
+from digit.data import ImageDataset, load_manifest, random_batches, to_float, to_uint8
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
 
 LOG_EVERY = 10  # steps per log row; also the window in which an unused code counts as dead
@@ -114,20 +114,6 @@ def codebook_usage(indices: torch.Tensor, codebook_size: int) -> tuple[float, fl
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return (counts > 0).float().mean().item(), entropy.exp().item()
-
-
-def random_batches(manifest: dict, size: int, batch_size: int, seed: int):
-    """Endless shuffled batches of train images (uint8), each image flipped with probability 1/2."""
-    dataset = ImageDataset(manifest, "train", size)
-    if len(dataset) < batch_size:
-        raise ValueError(f"batch size {batch_size} is larger than the train split ({len(dataset)} images)")
-    generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                         generator=generator)
-    while True:
-        for images, labels in loader:
-            flip = torch.rand(len(images), generator=generator) < 0.5
-            yield torch.where(flip[:, None, None, None], images.flip(-1), images), labels
 
 
 def _hyperparams(config: dict) -> dict:

@@ -67,7 +67,10 @@ def test_evaluate_cas_and_metrics_file(tiny_config, manifest, in_tmp):
     assert metrics["cas"] == pytest.approx(classifier["val_accuracy"])
     assert metrics["chance"] == pytest.approx(1 / 3) and metrics["num_samples"] == 12
     assert metrics["fid_calibrated"] is False and metrics["inception_weights"] == "generated"
-    assert metrics["inception_weights_sha256"] == sha256_file(in_tmp / "evaluate" / "inception-generated.pth")
+    (in_tmp / "again").mkdir()
+    generate_inception_weights(in_tmp / "again" / "inception-generated.pth", tiny_config["seed"])
+    assert metrics["inception_weights_sha256"] == sha256_file(in_tmp / "again" / "inception-generated.pth")
+    assert not (in_tmp / "evaluate" / "inception-generated.pth").exists()
     assert abs(metrics["fid"]) < 1e-2 and {"inception_score", "inception_score_std", "kid"} <= metrics.keys()
     assert all(not isinstance(v, (dict, list)) for v in metrics.values())
 

@@ -1,5 +1,4 @@
 """Nearest-centroid assignment, the token cache, and the checks that refuse mismatched inputs."""
-import json
 
 import numpy as np
 import pytest
