@@ -69,7 +69,7 @@ def test_stage2_learns_the_vq_part(tiny_config, caches, tmp_path):
 
 
 def test_resume_after_interruption_gives_the_same_weights(tiny_config, caches, tmp_path, monkeypatch):
-    # steps 6, checkpoint every 3, bf16 (tiny config)
+    # steps 6, checkpoint every 3 (tiny config)
     run_train_ar(tiny_config, caches[0], tmp_path / "straight")
 
     def interrupted(step, tc):
