@@ -68,18 +68,23 @@ def test_stage2_learns_the_vq_part(tiny_config, caches, tmp_path):
     assert meta["model"]["vocab_size"] == K_VQ and meta["vq_sha256"] == "v" * 64
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny_config, caches, tmp_path, monkeypatch):
-    # steps 6, checkpoint every 3 (tiny config)
-    run_train_ar(tiny_config, caches[0], tmp_path / "straight")
-
+def interrupt_at(stop_step, config, tokens_dir, out_dir, monkeypatch):
+    """Run stage-1 training until it is interrupted at `stop_step`."""
     def interrupted(step, tc):
-        if step == 5:
+        if step == stop_step:
             raise KeyboardInterrupt
         return learning_rate(step, tc)
 
     monkeypatch.setattr(digit.train, "learning_rate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_train_ar(tiny_config, caches[0], tmp_path / "resumed")
+        run_train_ar(config, tokens_dir, out_dir)
+
+
+def test_resume_after_interruption_gives_the_same_weights(tiny_config, caches, tmp_path, monkeypatch):
+    # steps 6, checkpoint every 3 (tiny config)
+    run_train_ar(tiny_config, caches[0], tmp_path / "straight")
+
+    interrupt_at(5, tiny_config, caches[0], tmp_path / "resumed", monkeypatch)
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "checkpoint").is_dir()
     monkeypatch.setattr(digit.train, "learning_rate", learning_rate)
     run_train_ar(tiny_config, caches[0], tmp_path / "resumed")
@@ -91,14 +96,7 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_config, caches, t
 
 
 def test_resume_refuses_a_checkpoint_of_another_vocabulary(tiny_config, caches, tmp_path, monkeypatch):
-    def interrupted(step, tc):
-        if step == 4:
-            raise KeyboardInterrupt
-        return learning_rate(step, tc)
-
-    monkeypatch.setattr(digit.train, "learning_rate", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_train_ar(tiny_config, caches[0], tmp_path / "stage1")
+    interrupt_at(4, tiny_config, caches[0], tmp_path / "stage1", monkeypatch)
     monkeypatch.setattr(digit.train, "learning_rate", learning_rate)
     meta_path = caches[0] / "meta.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "vocab_size": 2 * K}))
