@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # tiny: the CPU demo; in fp32 on 2 cores one step of 32 x 64 tokens takes ~0.12 s (stage 1)
 PRESETS = {
@@ -100,6 +101,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # recompute each block's activations in the backward pass instead of storing them
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by the depth
         for name, p in self.named_parameters():
@@ -118,9 +121,16 @@ class GPT(nn.Module):
         """Target tokens [B, L] that sit at target positions start..start+L-1."""
         return self.tok_emb(tokens) + self.tok_pos.weight[start: start + tokens.shape[1]]
 
-    def trunk(self, x: torch.Tensor, caches: list | None = None, start: int = 0) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor, caches: list | None = None, start: int = 0,
+              hidden: list | None = None) -> torch.Tensor:
+        """The blocks and the final norm; every block's output is appended to `hidden` if given."""
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i], start)
+            if caches is None and self.training and self.activation_checkpointing:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if caches is None else caches[i], start)
+            if hidden is not None:
+                hidden.append(x)
         return self.ln_f(x)
 
     def forward(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -129,9 +139,27 @@ class GPT(nn.Module):
         return self.head(self.trunk(x)[:, prefix.shape[1] - 1:])
 
     @torch.no_grad()
+    def layer_means(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Every block's output averaged over the token positions -> [B, n_layer, d]: the features
+        of the linear probe. `tokens` [B, t] are targets 1..t (t < T), as in forward."""
+        hidden = []
+        self.trunk(torch.cat([self.embed_prefix(prefix), self.embed_tokens(tokens)], dim=1), hidden=hidden)
+        return torch.stack([h[:, prefix.shape[1]:].mean(1) for h in hidden], dim=1)
+
+    @torch.no_grad()
     def generate(self, prefix: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 cfg_scale: float = 1.0, null_prefix: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample the T targets after `prefix` [B, P] one at a time with a static KV cache -> [B, T]."""
+        """Sample the T targets after `prefix` [B, P] one at a time with a static KV cache -> [B, T].
+
+        With cfg_scale != 1, classifier-free guidance: the batch also runs with `null_prefix` [1, P]
+        (the unconditional prefix) and each token is drawn from uncond + cfg_scale * (cond - uncond).
+        """
+        guided = cfg_scale != 1.0
+        if guided:
+            if null_prefix is None:
+                raise ValueError("classifier-free guidance needs the unconditional prefix (null_prefix)")
+            prefix = torch.cat([prefix, null_prefix.expand_as(prefix)])
         cfg, (B, P) = self.cfg, prefix.shape
         dtype = torch.get_autocast_dtype(prefix.device.type) if torch.is_autocast_enabled(prefix.device.type) \
             else self.head.weight.dtype
@@ -142,8 +170,13 @@ class GPT(nn.Module):
         tokens = []
         for i in range(cfg.seq_len):
             if i > 0:
-                h = self.trunk(self.embed_tokens(tokens[-1][:, None], i - 1), caches, P + i - 1)[:, -1]
-            tokens.append(sample_logits(self.head(h), temperature, top_k, top_p, generator))
+                last = tokens[-1].repeat(2) if guided else tokens[-1]
+                h = self.trunk(self.embed_tokens(last[:, None], i - 1), caches, P + i - 1)[:, -1]
+            logits = self.head(h).float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            tokens.append(sample_logits(logits, temperature, top_k, top_p, generator))
         return torch.stack(tokens, dim=1)
 
 

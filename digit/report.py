@@ -21,12 +21,14 @@ def final_row(log_path: Path) -> dict:
     return {k: float(v) for k, v in rows[-1].items()}
 
 
-def run_report(config: dict, evaluate_dir: str | Path, stage1_dir: str | Path, stage2_dir: str | Path,
-               vq_dir: str | Path, samples_dir: str | Path, out_dir: str | Path) -> None:
-    """out_dir/metrics.json, out_dir/curves/<stage>.tsv and out_dir/grid.png (out_dir: results/<experiment>)."""
+def run_report(config: dict, evaluate_dir: str | Path, probe_dir: str | Path, stage1_dir: str | Path,
+               stage2_dir: str | Path, vq_dir: str | Path, samples_dir: str | Path, out_dir: str | Path) -> None:
+    """out_dir/metrics.json, out_dir/curves/<stage>.tsv (and probe.tsv, top-1 per layer) and out_dir/grid.png
+    (out_dir: results/<experiment>)."""
     out_dir = Path(out_dir)
     logs = {stage: Path(d) / "log.tsv" for stage, d in zip(STAGES, (vq_dir, stage1_dir, stage2_dir))}
-    metrics = {"experiment": config["experiment"]} | read_json(Path(evaluate_dir) / "metrics.json")
+    metrics = ({"experiment": config["experiment"]} | read_json(Path(evaluate_dir) / "metrics.json")
+               | read_json(Path(probe_dir) / "metrics.json"))
     for stage, log in logs.items():
         last = final_row(log)
         metrics[f"{stage}_final_loss"] = last["loss"]
@@ -38,9 +40,10 @@ def run_report(config: dict, evaluate_dir: str | Path, stage1_dir: str | Path, s
     with atomic_dir(out_dir / "curves") as tmp:
         for stage, log in logs.items():
             shutil.copyfile(log, tmp / f"{stage}.tsv")
+        shutil.copyfile(Path(probe_dir) / "layers.tsv", tmp / "probe.tsv")  # top-1 per layer
     with atomic_path(out_dir / "grid.png") as tmp:
         shutil.copyfile(grid, tmp)
     write_json(out_dir / "report.json", provenance(
         {"experiment": config["experiment"]},
-        {"metrics": Path(evaluate_dir) / "metrics.json", "grid": grid} | {f"{s}_log": p for s, p in logs.items()}))
+        {"metrics": Path(evaluate_dir) / "metrics.json", "probe": Path(probe_dir) / "metrics.json", "grid": grid} | {f"{s}_log": p for s, p in logs.items()}))
     write_json(out_dir / "metrics.json", metrics)

@@ -48,14 +48,17 @@ def check_chain(stage1: dict, stage2: dict, vq: dict, vq_sha256: str, image_size
 
 
 @torch.no_grad()
-def generate_tokens(stage1: GPT, stage2: GPT, conditions: torch.Tensor, sc: dict, sep: int,
-                    generator: torch.Generator, precisions: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_tokens(stage1: GPT, stage2: GPT, conditions: torch.Tensor, sc: dict, null_class: int | None,
+                    sep: int, generator: torch.Generator,
+                    precisions: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage-1 prefix tokens [B] (class ids, or the start token 0) -> (sem tokens [B, T_sem], VQ tokens
-    [B, T_vq]); each stage runs under the precision it was trained in."""
+    [B, T_vq]); each stage runs under the precision it was trained in. Stage 1 is guided by the null
+    class when sample.cfg_scale is not 1."""
     device = conditions.device.type
+    null_prefix = None if null_class is None else torch.tensor([[null_class]], device=conditions.device)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=precisions[0] == "bf16"):
         sem = stage1.generate(conditions[:, None], temperature=sc["temperature"], top_k=sc["top_k"],
-                              generator=generator)
+                              cfg_scale=sc["cfg_scale"], null_prefix=null_prefix, generator=generator)
     prefix = torch.cat([sem, torch.full_like(sem[:, :1], sep)], dim=1)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=precisions[1] == "bf16"):
         vq = stage2.generate(prefix, top_p=sc["stage2_top_p"], generator=generator)
@@ -71,6 +74,9 @@ def run_sample(config: dict, stage1_dir: str | Path, stage2_dir: str | Path, vq_
     vq_weights = Path(vq_dir) / "model.safetensors"
     vq_meta = read_json(Path(vq_dir) / "model.json")
     check_chain(meta1, meta2, vq_meta, sha256_file(vq_weights), config["data"]["image_size"])
+    if sc["cfg_scale"] != 1.0 and meta1["null_class"] is None:
+        raise ValueError(f"sample.cfg_scale {sc['cfg_scale']} needs a stage-1 model trained with a null class "
+                         f"(stage1.class_conditional: true and stage1.class_dropout > 0); {stage1_dir} has none")
     vq = load_vq(vq_dir, device)
 
     num_classes = meta1["num_classes"]
@@ -86,8 +92,8 @@ def run_sample(config: dict, stage1_dir: str | Path, stage2_dir: str | Path, vq_
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for offsets in torch.arange(len(labels)).split(sc["batch_size"]):
-            sem, codes = generate_tokens(stage1, stage2, conditions[offsets].to(device), sc, meta2["sep_token"],
-                                         generator, precisions)
+            sem, codes = generate_tokens(stage1, stage2, conditions[offsets].to(device), sc,
+                                         meta1["null_class"], meta2["sep_token"], generator, precisions)
             images = to_uint8(vq.decode_indices(codes.view(len(codes), *vq_meta["grid"]))).cpu()
             for i, image in zip(offsets.tolist(), images):
                 save_png(image, tmp / "images" / f"{i:06d}.png")

@@ -4,9 +4,14 @@ Stage 1 (run_train_ar): class token -> discriminative tokens. Stage 2 (run_train
 [sem tokens, sep] -> VQ tokens of the same image view. Each step draws images and one of their
 cached views at random. Checkpoints go to `<out_dir>.partial/`; running the same command again
 resumes there, and `out_dir` appears only when training has finished.
+
+Under torchrun or submitit the loop runs data-parallel (DistributedDataParallel). Every process
+draws the same global batch from the same generator and trains on its own slice of it, in
+`grad_accum_steps` micro-batches; so the result does not depend on how the batch is split.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -19,6 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from torch.nn.parallel import DistributedDataParallel
+
+from digit import distributed
 from digit.config import resolve_device
 from digit.gpt import GPT, PRESETS, GPTConfig
 from digit.io import atomic_dir, provenance, read_json, write_json
@@ -47,10 +55,11 @@ def make_optimizer(model: nn.Module, tc: dict) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=tc["lr"], betas=(0.9, 0.98))
 
 
-def load_checked_cache(tokens_dir: str | Path, kind: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The train split of a token cache, after checking its kind and that its tokens fit its vocabulary."""
+def load_checked_cache(tokens_dir: str | Path, kind: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The train split of a token cache, after checking its kind, that its vocabulary is the one the
+    config asks for, and that its tokens fit that vocabulary."""
     tokens, labels, meta = load_token_cache(tokens_dir, "train")
-    check_cache_matches(meta, {"kind": kind}, source=f"token cache {tokens_dir}")
+    check_cache_matches(meta, {"kind": kind, "vocab_size": vocab_size}, source=f"token cache {tokens_dir}")
     top = int(tokens.max())
     if top >= meta["vocab_size"]:
         raise ValueError(f"token cache {tokens_dir} holds token {top}, outside its vocab_size "
@@ -59,31 +68,42 @@ def load_checked_cache(tokens_dir: str | Path, kind: str) -> tuple[np.ndarray, n
 
 
 def run_train_ar(config: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
+    """Stage 1. Class-conditional: the class id is the prefix; with stage1.class_dropout > 0 it is
+    replaced by the null class (id num_classes) that often, which classifier-free guidance needs.
+    Unconditional: the prefix is the start token 0."""
     tc = config["stage1"]
-    tokens, labels, meta = load_checked_cache(tokens_dir, "discriminative")
+    tokens, labels, meta = load_checked_cache(tokens_dir, "discriminative", config["kmeans"]["k"])
     if labels.min() < 0 or labels.max() >= meta["num_classes"]:
         raise ValueError(f"{tokens_dir}/train_labels.npy has labels outside 0..{meta['num_classes'] - 1}")
     conditional = tc["class_conditional"]
+    if tc["class_dropout"] and not conditional:
+        raise ValueError("stage1.class_dropout > 0 needs stage1.class_conditional: true")
+    null_class = meta["num_classes"] if tc["class_dropout"] else None
+    prefix_vocab_size = 1 if not conditional else meta["num_classes"] + (null_class is not None)
     gpt_cfg = GPTConfig(vocab_size=meta["vocab_size"], seq_len=tokens.shape[2],
-                        prefix_vocab_size=meta["num_classes"] if conditional else 1, prefix_len=1,
-                        **PRESETS[tc["preset"]])
+                        prefix_vocab_size=prefix_vocab_size, prefix_len=1, **PRESETS[tc["preset"]])
     record = {"stage": "stage1", "model": asdict(gpt_cfg), "class_conditional": conditional,
-              "num_classes": meta["num_classes"], "classes": meta["classes"], "vocab_size": meta["vocab_size"],
-              "seq_len": tokens.shape[2], "grid": meta["grid"], "codebook_sha256": meta["codebook_sha256"]}
+              "null_class": null_class, "num_classes": meta["num_classes"], "classes": meta["classes"],
+              "vocab_size": meta["vocab_size"], "seq_len": tokens.shape[2], "grid": meta["grid"],
+              "codebook_sha256": meta["codebook_sha256"]}
     labels = torch.from_numpy(labels)
 
-    def make_batch(index, view):
+    def make_batch(index, view, drop):
         targets = torch.from_numpy(tokens[index, view].astype(np.int64))
-        prefix = labels[index][:, None] if conditional else torch.zeros(len(index), 1, dtype=torch.long)
-        return prefix, targets
+        if not conditional:
+            return torch.zeros(len(index), 1, dtype=torch.long), targets
+        prefix = labels[index]
+        if drop is not None:
+            prefix = torch.where(drop, null_class, prefix)
+        return prefix[:, None], targets
 
     inputs = {"tokens": Path(tokens_dir) / "train.npy", "tokens_meta": Path(tokens_dir) / "meta.json"}
     _train(config, "stage1", gpt_cfg, make_batch, tokens.shape[:2], record, inputs, out_dir)
 
 
 def run_train_decoder(config: dict, tokens_dir: str | Path, vq_tokens_dir: str | Path, out_dir: str | Path) -> None:
-    sem, sem_labels, sem_meta = load_checked_cache(tokens_dir, "discriminative")
-    vq, vq_labels, vq_meta = load_checked_cache(vq_tokens_dir, "vq")
+    sem, sem_labels, sem_meta = load_checked_cache(tokens_dir, "discriminative", config["kmeans"]["k"])
+    vq, vq_labels, vq_meta = load_checked_cache(vq_tokens_dir, "vq", config["vq"]["codebook_size"])
     # the pairs are (sem, vq) tokens of the same image in the same view
     same = {"number of images": len(sem) == len(vq), "views": sem_meta["views"] == vq_meta["views"],
             "labels": np.array_equal(sem_labels, vq_labels)}
@@ -98,7 +118,7 @@ def run_train_decoder(config: dict, tokens_dir: str | Path, vq_tokens_dir: str |
               "vq_vocab_size": vq_meta["vocab_size"], "vq_seq_len": vq.shape[2], "vq_grid": vq_meta["grid"],
               "codebook_sha256": sem_meta["codebook_sha256"], "vq_sha256": vq_meta["vq_sha256"]}
 
-    def make_batch(index, view):
+    def make_batch(index, view, drop):
         prefix = torch.from_numpy(sem[index, view].astype(np.int64))
         prefix = torch.cat([prefix, torch.full((len(index), 1), sep)], dim=1)
         return prefix, torch.from_numpy(vq[index, view].astype(np.int64))
@@ -108,82 +128,132 @@ def run_train_decoder(config: dict, tokens_dir: str | Path, vq_tokens_dir: str |
     _train(config, "stage2", gpt_cfg, make_batch, sem.shape[:2], record, inputs, out_dir)
 
 
+def micro_batch_size(tc: dict, stage: str, world_size: int) -> int:
+    """Sequences per forward pass: the global batch split over processes and accumulation steps."""
+    parts = world_size * tc["grad_accum_steps"]
+    if tc["batch_size"] % parts:
+        raise ValueError(f"{stage}.batch_size {tc['batch_size']} does not split into {world_size} process(es) "
+                         f"x {stage}.grad_accum_steps {tc['grad_accum_steps']} equal micro-batches")
+    return tc["batch_size"] // parts
+
+
 def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, cache_shape: tuple, record: dict,
            inputs: dict, out_dir: str | Path) -> None:
-    """The shared loop. `make_batch(image_index, view_index)` -> (prefix, targets) LongTensors."""
-    tc, device, out_dir = config[stage], resolve_device(config), Path(out_dir)
-    record = {**record, "preset": tc["preset"], "seed": config["seed"], "training": tc}
+    """The shared loop. `make_batch(image_index, view_index, drop)` -> (prefix, targets) LongTensors;
+    `drop` marks the sequences whose class is dropped (None without stage1.class_dropout)."""
+    tc, out_dir = config[stage], Path(out_dir)
+    procs, device = distributed.setup(resolve_device(config))
+    micro = micro_batch_size(tc, stage, procs.world_size)
+    record = {**record, "preset": tc["preset"], "seed": config["seed"], "training": _shaping(tc)}
     partial = out_dir.with_name(out_dir.name + ".partial")
     torch.manual_seed(config["seed"])
     model = GPT(gpt_cfg).to(device)
+    model.activation_checkpointing = tc["activation_checkpointing"]
     optimizer = make_optimizer(model, tc)
     generator = torch.Generator().manual_seed(config["seed"])
-    step = _resume(partial, record, model, optimizer, generator)
+    if procs.is_main:
+        _start_or_check(partial, record)
+    procs.barrier()
+    step = _load_checkpoint(partial, model, optimizer, generator, truncate_log=procs.is_main)
+    net = DistributedDataParallel(model) if procs.world_size > 1 else model
+    if tc["compile"]:
+        net = torch.compile(net)
     num_images, num_views = cache_shape
+    dropout = tc.get("class_dropout", 0.0)
 
     model.train()
-    with (partial / "log.tsv").open("a") as log:
+    log = (partial / "log.tsv").open("a") if procs.is_main else contextlib.nullcontext()
+    with log:
         while step < tc["steps"]:
             step += 1
             start = time.perf_counter()
+            # the global batch: the same draws in every process, whatever the split
             index = torch.randint(num_images, (tc["batch_size"],), generator=generator).numpy()
             view = torch.randint(num_views, (tc["batch_size"],), generator=generator).numpy()
-            prefix, targets = (t.to(device) for t in make_batch(index, view))
+            drop = torch.rand(tc["batch_size"], generator=generator) < dropout if dropout else None
             lr = learning_rate(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc["precision"] == "bf16"):
-                logits = model(prefix, targets[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                   label_smoothing=tc["label_smoothing"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros((), device=device)
+            first = procs.rank * micro * tc["grad_accum_steps"]
+            for m in range(tc["grad_accum_steps"]):
+                part = slice(first + m * micro, first + (m + 1) * micro)
+                prefix, targets = (t.to(device) for t in make_batch(
+                    index[part], view[part], None if drop is None else drop[part]))
+                last = m == tc["grad_accum_steps"] - 1
+                # gradients are averaged over the processes once, after the last micro-batch
+                with contextlib.nullcontext() if last or procs.world_size == 1 else net.no_sync():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc["precision"] == "bf16"):
+                        logits = net(prefix, targets[:, :-1])
+                    micro_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                 label_smoothing=tc["label_smoothing"]) / tc["grad_accum_steps"]
+                    micro_loss.backward()
+                loss += micro_loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"]).item()
             optimizer.step()
-            loss = loss.item()
+            optimizer.zero_grad(set_to_none=True)
+            loss = procs.mean(loss).item()
             if not math.isfinite(loss):
                 raise ValueError(f"{stage}: loss became {loss} at step {step}; try a lower {stage}.lr")
-            rate = targets.numel() / (time.perf_counter() - start)
-            log.write(f"{step}\t{loss:.5f}\t{lr:.6g}\t{rate:.0f}\t{grad_norm:.4f}\n")
-            log.flush()
-            if step % tc["checkpoint_every"] == 0 and step < tc["steps"]:
-                with atomic_dir(partial / "checkpoint") as tmp:
-                    _write_checkpoint(tmp, model, optimizer, generator, step)
+            if procs.is_main:
+                rate = tc["batch_size"] * gpt_cfg.seq_len / (time.perf_counter() - start)
+                log.write(f"{step}\t{loss:.5f}\t{lr:.6g}\t{rate:.0f}\t{grad_norm:.4f}\n")
+                log.flush()
+                if step % tc["checkpoint_every"] == 0 and step < tc["steps"]:
+                    with atomic_dir(partial / "checkpoint") as tmp:
+                        _write_checkpoint(tmp, model, optimizer, generator, step)
 
-    with atomic_dir(out_dir) as tmp:
-        _write_checkpoint(tmp, model, optimizer, generator, step)
-        shutil.copy(partial / "log.tsv", tmp / "log.tsv")
-        write_json(tmp / "model.json", {**record, "final_loss": loss,
-                                        "provenance": provenance({"seed": config["seed"], stage: tc}, inputs)})
-    shutil.rmtree(partial)
-    print(f"{stage}: {step} steps, final loss {loss:.4f}")
+    if procs.is_main:
+        with atomic_dir(out_dir) as tmp:
+            _write_checkpoint(tmp, model, optimizer, generator, step)
+            shutil.copy(partial / "log.tsv", tmp / "log.tsv")
+            write_json(tmp / "model.json", {**record, "final_loss": loss,
+                                            "provenance": provenance({"seed": config["seed"], stage: tc}, inputs)})
+        shutil.rmtree(partial)
+        print(f"{stage}: {step} steps, final loss {loss:.4f}")
+    procs.barrier()
+    distributed.teardown(procs)
 
 
-def _resume(partial: Path, record: dict, model: GPT, optimizer, generator: torch.Generator) -> int:
-    """Load the checkpoint in `partial` if there is one (it must have been made for the same record);
-    otherwise start `partial` afresh. Returns the step to continue from."""
-    checkpoint = partial / "checkpoint"
-    if not checkpoint.is_dir():
+# how the run is executed, not what it computes: a checkpoint may resume under other values
+EXECUTION_KEYS = ("compile", "activation_checkpointing", "checkpoint_every")
+
+
+def _shaping(tc: dict) -> dict:
+    return {key: value for key, value in tc.items() if key not in EXECUTION_KEYS}
+
+
+def _start_or_check(partial: Path, record: dict) -> None:
+    """Start `partial` afresh, or check that its checkpoint was made for the same record."""
+    if not (partial / "checkpoint").is_dir():
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         (partial / "log.tsv").write_text(LOG_HEADER)
         write_json(partial / "record.json", record)
-        return 0
+        return
     saved = read_json(partial / "record.json")
     differ = sorted(k for k in record.keys() | saved.keys() if record.get(k) != saved.get(k))
     if differ:
         raise ValueError(f"the checkpoint in {partial} was made with other {', '.join(differ)} "
                          f"(e.g. {differ[0]}: {saved.get(differ[0])!r}, now {record.get(differ[0])!r}); "
                          f"delete {partial} to start over")
+
+
+def _load_checkpoint(partial: Path, model: GPT, optimizer, generator: torch.Generator, truncate_log: bool) -> int:
+    """Load the checkpoint in `partial` if there is one. Returns the step to continue from."""
+    checkpoint = partial / "checkpoint"
+    if not checkpoint.is_dir():
+        return 0
     device = next(model.parameters()).device
     model.load_state_dict(load_file(checkpoint / "model.safetensors", device=str(device)))
     state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
-    # the log may run past the checkpoint: drop the steps that will be redone
-    rows = (partial / "log.tsv").read_text().splitlines(keepends=True)
-    (partial / "log.tsv").write_text("".join(rows[:1 + state["step"]]))
-    print(f"resuming from step {state['step']} in {checkpoint}")
+    if truncate_log:
+        # the log may run past the checkpoint: drop the steps that will be redone
+        rows = (partial / "log.tsv").read_text().splitlines(keepends=True)
+        (partial / "log.tsv").write_text("".join(rows[:1 + state["step"]]))
+        print(f"resuming from step {state['step']} in {checkpoint}")
     return state["step"]
 
 

@@ -26,6 +26,7 @@ def shrink(config: dict) -> dict:
         c[stage].update(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3)
     c["sample"].update(per_class=2, batch_size=4, top_k=8)
     c["evaluate"]["batch_size"] = 8
+    c["probe"].update(epochs=3, batch_size=8)
     c["classifier"].update(steps=5, batch_size=4)
     return validate(c, source="tiny test config")
 

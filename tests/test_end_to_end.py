@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from digit.gpt import PRESETS
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +25,7 @@ def run(args, cwd):
 
 def check_results(results: Path, config: dict):
     metrics = json.loads((results / "metrics.json").read_text())
-    for key in ("fid", "inception_score", "cas", "chance", "fid_calibrated"):
+    for key in ("fid", "inception_score", "cas", "chance", "fid_calibrated", "probe_top1_best", "probe_best_layer"):
         assert key in metrics, key
     assert metrics["chance"] == pytest.approx(1 / config["data"]["synthetic"]["num_classes"])
     assert 0 <= metrics["cas"] <= 1 and metrics["fid"] >= 0
@@ -34,6 +35,8 @@ def check_results(results: Path, config: dict):
     for curve in ("vq", "stage1", "stage2"):
         lines = (results / "curves" / f"{curve}.tsv").read_text().splitlines()
         assert lines[0].split("\t")[0] == "step" and len(lines) > 1
+    layers = (results / "curves" / "probe.tsv").read_text().splitlines()
+    assert layers[0] == "layer\ttop1" and len(layers) == 1 + PRESETS[config["stage1"]["preset"]]["n_layer"]
 
 
 def test_snakemake_runs_the_chain(tiny_config, in_tmp):

@@ -86,3 +86,66 @@ def test_generation_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens = gpt.generate(prefix, top_p=0.8, generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (3, STAGE2.seq_len) and int(tokens.max()) < STAGE2.vocab_size
+
+
+def test_guided_generation_equals_guided_full_recompute():
+    gpt = model(STAGE1)
+    prefix, null = torch.tensor([[0], [1], [2]]), torch.tensor([[2]])
+    guided = gpt.generate(prefix, top_k=5, cfg_scale=3.0, null_prefix=null, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    tokens = prefix.new_empty(3, 0)
+    with torch.no_grad():
+        for _ in range(STAGE1.seq_len):
+            cond, uncond = gpt(prefix, tokens)[:, -1], gpt(null.expand_as(prefix), tokens)[:, -1]
+            logits = uncond + 3.0 * (cond - uncond)
+            tokens = torch.cat([tokens, sample_logits(logits, 1.0, 5, 1.0, g)[:, None]], 1)
+    assert torch.equal(guided, tokens)
+    plain = gpt.generate(prefix, top_k=5, generator=torch.Generator().manual_seed(3))
+    unit = gpt.generate(prefix, top_k=5, cfg_scale=1.0, null_prefix=null, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(plain, unit) and not torch.equal(plain, guided)
+    with pytest.raises(ValueError, match="null_prefix"):
+        gpt.generate(prefix, cfg_scale=2.0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    prefix, tokens = batch(STAGE2)
+    grads = []
+    for checkpointing in (False, True):
+        gpt = model(STAGE2).train()
+        gpt.activation_checkpointing = checkpointing
+        gpt(prefix, tokens[:, :-1]).square().mean().backward()
+        grads.append([p.grad for p in gpt.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed, rtol=0, atol=0)
+
+
+def test_layer_means_are_the_mean_over_token_positions_of_each_block():
+    gpt = model(STAGE2)
+    prefix, tokens = batch(STAGE2)
+    features = gpt.layer_means(prefix, tokens[:, :-1])
+    assert features.shape == (3, STAGE2.n_layer, STAGE2.n_embd)
+    x = torch.cat([gpt.embed_prefix(prefix), gpt.embed_tokens(tokens[:, :-1])], 1)
+    with torch.no_grad():
+        for i, block in enumerate(gpt.blocks):
+            x = block(x)
+            torch.testing.assert_close(features[:, i], x[:, STAGE2.prefix_len:].mean(1))
+
+
+@pytest.mark.parametrize("preset, vocab", [("base", 8192), ("large", 16384)])
+def test_paper_presets_train_a_few_steps_on_cpu(preset, vocab):
+    """The real models, at the paper's width and depth, on a short sequence: the loss goes down."""
+    from digit.train import make_optimizer
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=vocab, seq_len=8, prefix_vocab_size=1001, prefix_len=1, **PRESETS[preset])
+    gpt = GPT(cfg).train()
+    optimizer = make_optimizer(gpt, {"lr": 1e-5, "weight_decay": 0.01})
+    prefix = torch.tensor([[3], [1000]])
+    tokens = torch.randint(vocab, (2, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(gpt(prefix, tokens[:, :-1]).flatten(0, 1), tokens.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[2] < losses[1] < losses[0], losses

@@ -9,6 +9,7 @@ LOGS = {
     "stage1": "step\tloss\tlr\ttokens_per_s\tgrad_norm\n5\t4.0\t0.001\t100\t1.0\n6\t3.5\t0.0009\t110\t0.9\n",
     "stage2": "step\tloss\tlr\ttokens_per_s\tgrad_norm\n6\t2.5\t0.001\t90\t1.2\n",
 }
+PROBE_LAYERS = "layer\ttop1\n1\t0.5\n2\t0.7\n"
 
 
 @pytest.fixture
@@ -18,13 +19,16 @@ def stage_dirs(in_tmp):
         (in_tmp / stage / "log.tsv").write_text(log)
     (in_tmp / "evaluate").mkdir()
     (in_tmp / "evaluate" / "metrics.json").write_text(json.dumps({"fid": 12.5, "cas": 0.4, "chance": 0.1}))
+    (in_tmp / "probe").mkdir()
+    (in_tmp / "probe" / "metrics.json").write_text(json.dumps({"probe_top1_best": 0.7, "probe_best_layer": 2}))
+    (in_tmp / "probe" / "layers.tsv").write_text(PROBE_LAYERS)
     (in_tmp / "samples").mkdir()
     (in_tmp / "samples" / "grid.png").write_bytes(b"\x89PNG fake")
-    return {name: in_tmp / name for name in ("evaluate", "stage1", "stage2", "vq", "samples")}
+    return {name: in_tmp / name for name in ("evaluate", "probe", "stage1", "stage2", "vq", "samples")}
 
 
 def report(config, dirs, out):
-    run_report(config, dirs["evaluate"], dirs["stage1"], dirs["stage2"], dirs["vq"], dirs["samples"], out)
+    run_report(config, dirs["evaluate"], dirs["probe"], dirs["stage1"], dirs["stage2"], dirs["vq"], dirs["samples"], out)
 
 
 def test_report_outputs(tiny_config, stage_dirs, in_tmp):
@@ -32,10 +36,12 @@ def test_report_outputs(tiny_config, stage_dirs, in_tmp):
     report(tiny_config, stage_dirs, out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == {"experiment": "tiny", "fid": 12.5, "cas": 0.4, "chance": 0.1,
+                       "probe_top1_best": 0.7, "probe_best_layer": 2,
                        "vq_final_loss": 0.3, "vq_steps": 20, "stage1_final_loss": 3.5, "stage1_steps": 6,
                        "stage2_final_loss": 2.5, "stage2_steps": 6}
     for stage, log in LOGS.items():
         assert (out / "curves" / f"{stage}.tsv").read_text() == log
+    assert (out / "curves" / "probe.tsv").read_text() == PROBE_LAYERS
     assert (out / "grid.png").read_bytes() == b"\x89PNG fake"
     assert "inputs" in json.loads((out / "report.json").read_text())
 

@@ -51,7 +51,9 @@ def test_stage1_learns_and_writes_a_complete_output(tiny_config, caches, tmp_pat
     assert len(loss) == 30 and np.mean(loss[-5:]) < 0.6 * np.mean(loss[:5])
     meta = json.loads((tmp_path / "stage1" / "model.json").read_text())
     assert meta["vocab_size"] == K and meta["seq_len"] == T and meta["num_classes"] == CLASSES
-    assert meta["model"]["prefix_vocab_size"] == CLASSES and meta["codebook_sha256"] == "c" * 64
+    # the classes and the null class of classifier-free guidance (stage1.class_dropout > 0)
+    assert meta["model"]["prefix_vocab_size"] == CLASSES + 1 and meta["null_class"] == CLASSES
+    assert meta["codebook_sha256"] == "c" * 64
     assert set(meta["provenance"]["inputs"]) == {"tokens", "tokens_meta"}
     state = torch.load(tmp_path / "stage1" / "state.pt", weights_only=True)
     assert state["step"] == 30 and state["optimizer"]["state"]

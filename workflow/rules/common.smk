@@ -25,7 +25,7 @@ R = f"results/{config['experiment']}"
 SYNTHETIC = config["data"]["source"] == "synthetic"
 DATA = f"{R}/data" if SYNTHETIC else config["data"]["root"]
 REPORT_OUTPUTS = [f"{R}/metrics.json", f"{R}/grid.png"] + [
-    f"{R}/curves/{name}.tsv" for name in ("vq", "stage1", "stage2")
+    f"{R}/curves/{name}.tsv" for name in ("vq", "stage1", "stage2", "probe")
 ]
 
 # The config keys each stage depends on: a change re-runs that stage and what follows.
@@ -38,8 +38,9 @@ STAGE_PARAMS = {
     "tokenize": ["device", "seed", "data.image_size", "encoder", "tokenize"],
     "train_vq": ["device", "seed", "data.image_size", "vq"],
     "tokenize_vq": ["device", "data.image_size", "tokenize"],
-    "train_ar": ["device", "seed", "stage1"],
-    "train_decoder": ["device", "seed", "stage2"],
+    "train_ar": ["device", "seed", "kmeans.k", "stage1"],
+    "train_decoder": ["device", "seed", "kmeans.k", "vq.codebook_size", "stage2"],
+    "probe": ["device", "seed", "probe"],
     "sample": ["device", "data.image_size", "sample"],
     "train_classifier": ["device", "seed", "data.image_size", "classifier"],
     "evaluate": ["device", "evaluate"],

@@ -58,6 +58,7 @@ rule evaluate:
 rule report:
     input:
         evaluate=f"{R}/evaluate",
+        probe=f"{R}/probe",
         stage1=f"{R}/stage1",
         stage2=f"{R}/stage2",
         vq=f"{R}/vq",
@@ -73,6 +74,7 @@ rule report:
         "../../environment.yml"
     shell:
         digit(
-            "report --evaluate {input.evaluate} --stage1 {input.stage1} --stage2 {input.stage2} "
+            "report --evaluate {input.evaluate} --probe {input.probe} --stage1 {input.stage1} "
+            "--stage2 {input.stage2} "
             "--vq {input.vq} --samples {input.samples} --out {params.out}"
         )

@@ -1,4 +1,5 @@
-# The two transformers: stage 1 (discriminative tokens) and stage 2 (discriminative -> VQ tokens).
+# The two transformers: stage 1 (discriminative tokens) and stage 2 (discriminative -> VQ tokens),
+# and the linear probe of stage 1.
 
 
 rule train_ar:
@@ -32,3 +33,19 @@ rule train_decoder:
         digit(
             "train-decoder --tokens {input.tokens} --vq-tokens {input.vq_tokens} --out {output}"
         )
+
+
+rule probe:
+    input:
+        stage1=f"{R}/stage1",
+        tokens=f"{R}/tokens",
+    output:
+        directory(f"{R}/probe"),
+    params:
+        config=stage_params("probe"),
+    log:
+        f"{R}/logs/probe.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        digit("probe --stage1 {input.stage1} --tokens {input.tokens} --out {output}")
