@@ -75,3 +75,22 @@ def test_refuses_a_vq_model_that_stage2_was_not_trained_for(chain, tmp_path):
     with pytest.raises(ValueError, match="vq_sha256"):
         run_sample(config, stage1, stage2, vq, tmp_path / "samples")
     assert not (tmp_path / "samples").exists()
+
+
+def test_guidance_changes_the_samples_deterministically(chain, tmp_path):
+    config, stage1, stage2, vq = chain
+    run_sample(config, stage1, stage2, vq, tmp_path / "plain")
+    config["sample"]["cfg_scale"] = 4.0
+    run_sample(config, stage1, stage2, vq, tmp_path / "a")
+    run_sample(config, stage1, stage2, vq, tmp_path / "b")
+    plain, a, b = (np.load(tmp_path / d / "samples.npz")["sem"] for d in ("plain", "a", "b"))
+    assert np.array_equal(a, b) and not np.array_equal(a, plain)
+
+
+def test_guidance_refuses_a_model_without_a_null_class(chain, tmp_path):
+    config, stage1, stage2, vq = chain
+    meta = json.loads((stage1 / "model.json").read_text())
+    (stage1 / "model.json").write_text(json.dumps({**meta, "null_class": None}))
+    config["sample"]["cfg_scale"] = 2.0
+    with pytest.raises(ValueError, match="stage1.class_dropout"):
+        run_sample(config, stage1, stage2, vq, tmp_path / "samples")

@@ -1,9 +1,13 @@
 """Training both stages on small hand-made token caches: learning, exact resume, refusals."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import digit.train
@@ -127,3 +131,75 @@ def test_stage2_refuses_caches_of_different_images(tiny_config, caches, tmp_path
     other = write_cache(tmp_path / "other", "vq", sem_tokens(labels), labels, K_VQ, vq_sha256="v" * 64)
     with pytest.raises(ValueError, match="labels"):
         run_train_decoder(tiny_config, caches[0], other, tmp_path / "stage2")
+
+
+def trained_weights(config, tokens_dir, out_dir):
+    run_train_ar(config, tokens_dir, out_dir)
+    return load_file(out_dir / "model.safetensors")
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_config, caches, tmp_path):
+    tiny_config["stage1"].update(batch_size=8)
+    whole = trained_weights(tiny_config, caches[0], tmp_path / "whole")
+    tiny_config["stage1"]["grad_accum_steps"] = 4
+    accumulated = trained_weights(tiny_config, caches[0], tmp_path / "accumulated")
+    assert_same_weights(whole, accumulated, atol=1e-5)
+
+
+def test_activation_checkpointing_trains_the_same_weights(tiny_config, caches, tmp_path):
+    plain = trained_weights(tiny_config, caches[0], tmp_path / "plain")
+    tiny_config["stage1"]["activation_checkpointing"] = True
+    assert_same_weights(plain, trained_weights(tiny_config, caches[0], tmp_path / "recomputed"), atol=0)
+
+
+def test_compiled_model_trains_the_same_weights(tiny_config, caches, tmp_path):
+    plain = trained_weights(tiny_config, caches[0], tmp_path / "plain")
+    tiny_config["stage1"]["compile"] = True
+    compiled = trained_weights(tiny_config, caches[0], tmp_path / "compiled")
+    # inductor's fused kernels round differently; Adam turns that into ~1e-5 steps on near-zero gradients
+    assert_same_weights(plain, compiled, atol=1e-4)
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "plain"), abs=1e-4)
+
+
+def test_two_processes_train_the_weights_of_one(tiny_config, caches, tmp_path):
+    """DDP under torchrun (gloo on the CPU): each process takes half of every global batch."""
+    tiny_config["stage1"].update(batch_size=8, grad_accum_steps=2)
+    single = trained_weights(tiny_config, caches[0], tmp_path / "single")
+    tiny_config["stage1"]["grad_accum_steps"] = 1
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(tiny_config))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "digit.cli", "train-ar", "--tokens", str(caches[0]), "--out", str(tmp_path / "ddp"),
+         "--config", str(tmp_path / "ddp.yaml")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(single, load_file(tmp_path / "ddp" / "model.safetensors"), atol=1e-5)
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
+
+
+def test_refuses_a_batch_that_does_not_split_into_micro_batches(tiny_config, caches, tmp_path):
+    tiny_config["stage1"].update(batch_size=6, grad_accum_steps=4)
+    with pytest.raises(ValueError, match="stage1.grad_accum_steps"):
+        run_train_ar(tiny_config, caches[0], tmp_path / "stage1")
+
+
+def test_refuses_a_cache_of_another_vocabulary_than_the_config(tiny_config, caches, tmp_path):
+    tiny_config["kmeans"]["k"] = 2 * K
+    with pytest.raises(ValueError, match="vocab_size"):
+        run_train_ar(tiny_config, caches[0], tmp_path / "stage1")
+
+
+def test_unconditional_model_has_one_start_token_and_no_null_class(tiny_config, caches, tmp_path):
+    tiny_config["stage1"].update(class_conditional=False, class_dropout=0.0)
+    run_train_ar(tiny_config, caches[0], tmp_path / "stage1")
+    meta = json.loads((tmp_path / "stage1" / "model.json").read_text())
+    assert meta["model"]["prefix_vocab_size"] == 1 and meta["null_class"] is None
+    tiny_config["stage1"]["class_dropout"] = 0.1
+    with pytest.raises(ValueError, match="class_conditional"):
+        run_train_ar(tiny_config, caches[0], tmp_path / "other")
