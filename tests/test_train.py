@@ -110,6 +110,15 @@ def test_resume_refuses_a_checkpoint_of_another_vocabulary(tiny_config, caches, 
         run_train_ar(tiny_config, caches[0], tmp_path / "stage1")
 
 
+def test_resume_refuses_a_checkpoint_of_another_codebook(tiny_config, caches, tmp_path, monkeypatch):
+    interrupt_at(4, tiny_config, caches[0], tmp_path / "stage1", monkeypatch)
+    monkeypatch.setattr(digit.train, "learning_rate", learning_rate)
+    meta_path = caches[0] / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "codebook_sha256": "d" * 64}))
+    with pytest.raises(ValueError, match="codebook_sha256"):
+        run_train_ar(tiny_config, caches[0], tmp_path / "stage1")
+
+
 def test_refuses_tokens_outside_the_vocabulary(tiny_config, tmp_path):
     labels = np.arange(N) % CLASSES
     cache = write_cache(tmp_path / "tokens", "discriminative", sem_tokens(labels), labels, K - 4,
