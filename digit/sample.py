@@ -58,7 +58,7 @@ def generate_tokens(stage1: GPT, stage2: GPT, conditions: torch.Tensor, sc: dict
     null_prefix = None if null_class is None else torch.tensor([[null_class]], device=conditions.device)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=precisions[0] == "bf16"):
         sem = stage1.generate(conditions[:, None], temperature=sc["temperature"], top_k=sc["top_k"],
-                              cfg_scale=sc["cfg_scale"], null_prefix=null_prefix, generator=generator)
+                              top_p=sc["top_p"], cfg_scale=sc["cfg_scale"], null_prefix=null_prefix, generator=generator)
     prefix = torch.cat([sem, torch.full_like(sem[:, :1], sep)], dim=1)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=precisions[1] == "bf16"):
         vq = stage2.generate(prefix, top_p=sc["stage2_top_p"], generator=generator)
