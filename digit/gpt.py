@@ -1,10 +1,13 @@
-"""The transformer of both generative stages: a causal GPT over [prefix, targets].
+"""The transformer of both generative stages: a GPT over [prefix, targets].
 
 Stage 1 (the DiGIT GPT): prefix = one class token (or one start token when unconditional),
 targets = the T discriminative tokens. The input [cond, t1..t_{T-1}] predicts [t1..tT]; the
 paper's extra end token is left out because every sequence has the same length.
-Stage 2 (the AR pixel decoder): prefix = [sem x T_sem, sep], targets = the VQ tokens; a causal
+Stage 2, AR pixel decoder: prefix = [sem x T_sem, sep], targets = the VQ tokens; a causal
 prefix LM whose loss covers the VQ part only.
+Stage 2, NAR pixel decoder (MaskGIT, `causal=False`): the same prefix, then all T VQ tokens with
+some replaced by a mask token (id vocab_size); attention is bidirectional and every VQ position
+predicts its own token. Decoding fills the masks in a few parallel steps (generate_masked).
 
 Prefix and targets have their own token and learned position tables (different vocabularies);
 the blocks, the final norm and the output head are shared code. Linear layers have no bias:
@@ -38,12 +41,14 @@ class GPTConfig:
     n_head: int
     n_embd: int
     n_ffn: int
+    causal: bool = True     # False: bidirectional, masked-token prediction (MaskGIT)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.causal = cfg.causal
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
@@ -54,7 +59,7 @@ class CausalSelfAttention(nn.Module):
         B, L, d = x.shape
         q, k, v = (t.view(B, L, self.n_head, -1).transpose(1, 2) for t in self.qkv(x).split(d, dim=2))
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             k_cache, v_cache = cache
             end = start + L
@@ -96,8 +101,12 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.prefix_emb = nn.Embedding(cfg.prefix_vocab_size, cfg.n_embd)
         self.prefix_pos = nn.Embedding(cfg.prefix_len, cfg.n_embd)
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.tok_pos = nn.Embedding(cfg.seq_len - 1, cfg.n_embd)  # the last target is never an input
+        if cfg.causal:
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            self.tok_pos = nn.Embedding(cfg.seq_len - 1, cfg.n_embd)  # the last target is never an input
+        else:
+            self.tok_emb = nn.Embedding(cfg.vocab_size + 1, cfg.n_embd)  # + the mask token
+            self.tok_pos = nn.Embedding(cfg.seq_len, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -133,10 +142,16 @@ class GPT(nn.Module):
                 hidden.append(x)
         return self.ln_f(x)
 
+    @property
+    def mask_token(self) -> int:
+        return self.cfg.vocab_size
+
     def forward(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """prefix [B, P] and the first t < T targets [B, t] -> logits [B, t + 1, V] of targets 1..t+1."""
+        """Causal: prefix [B, P] and the first t < T targets [B, t] -> logits [B, t + 1, V] of targets 1..t+1.
+        Bidirectional: prefix [B, P] and all T targets [B, T], some masked -> logits [B, T, V] of each target."""
         x = torch.cat([self.embed_prefix(prefix), self.embed_tokens(tokens)], dim=1)
-        return self.head(self.trunk(x)[:, prefix.shape[1] - 1:])
+        first = prefix.shape[1] - 1 if self.cfg.causal else prefix.shape[1]
+        return self.head(self.trunk(x)[:, first:])
 
     @torch.no_grad()
     def layer_means(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -178,6 +193,45 @@ class GPT(nn.Module):
                 logits = uncond + cfg_scale * (cond - uncond)
             tokens.append(sample_logits(logits, temperature, top_k, top_p, generator))
         return torch.stack(tokens, dim=1)
+
+
+@torch.no_grad()
+def generate_masked(model: GPT, prefix: torch.Tensor, steps: int, choice_temperature: float,
+                    temperature: float = 1.0, top_p: float = 1.0,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """MaskGIT decoding of a bidirectional model: start with every target masked; at each step sample
+    every masked position, keep the most confident samples and mask the rest again, fewer each step
+    (cosine schedule). Confidence is the sample's log-probability plus Gumbel noise scaled by
+    choice_temperature * (1 - progress), so early choices are more random. -> [B, T]."""
+    B, T = prefix.shape[0], model.cfg.seq_len
+    tokens = torch.full((B, T), model.mask_token, dtype=torch.long, device=prefix.device)
+    for step in range(steps):
+        logits = model(prefix, tokens).float()
+        sampled = sample_logits(logits.flatten(0, 1), temperature, 0, top_p, generator).view(B, T)
+        log_probs = logits.div(temperature).log_softmax(-1).gather(-1, sampled[..., None])[..., 0]
+        masked = tokens == model.mask_token
+        sampled = torch.where(masked, sampled, tokens)
+        remaining = masked_count(step + 1, steps, T)
+        if remaining == 0:
+            return sampled
+        uniform = torch.rand(B, T, generator=generator, device=prefix.device).clamp_(1e-20, 1)
+        gumbel = -torch.log(-torch.log(uniform))
+        confidence = log_probs + choice_temperature * (1 - (step + 1) / steps) * gumbel
+        confidence = confidence.masked_fill(~masked, float("inf"))  # decided tokens stay
+        # the `remaining` least confident positions are masked again (never more than are masked now)
+        remask = confidence.argsort(-1)[:, :remaining]
+        tokens = sampled.scatter(1, remask, model.mask_token)
+    return tokens
+
+
+def masked_count(step: int, steps: int, length: int) -> int:
+    """Tokens still masked after `step` of `steps` decoding steps: cosine schedule, 0 after the last."""
+    return int(math.floor(length * math.cos(math.pi / 2 * step / steps)))
+
+
+def mask_ratio(u: torch.Tensor) -> torch.Tensor:
+    """Training: the fraction of targets to mask for uniform u in [0, 1) (cosine schedule)."""
+    return torch.cos(math.pi / 2 * u)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -1,4 +1,5 @@
-"""Generation: class -> discriminative tokens (stage 1) -> VQ tokens (stage 2) -> pixels (VQ decoder)."""
+"""Generation: class -> discriminative tokens (stage 1) -> VQ tokens (stage 2, AR or MaskGIT) -> pixels
+(VQ decoder)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,7 @@ from torchvision.utils import make_grid
 
 from digit.config import resolve_device
 from digit.data import to_uint8
-from digit.gpt import GPT, GPTConfig
+from digit.gpt import GPT, GPTConfig, generate_masked
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
 from digit.vq import load_vq
 
@@ -61,7 +62,11 @@ def generate_tokens(stage1: GPT, stage2: GPT, conditions: torch.Tensor, sc: dict
                               top_p=sc["top_p"], cfg_scale=sc["cfg_scale"], null_prefix=null_prefix, generator=generator)
     prefix = torch.cat([sem, torch.full_like(sem[:, :1], sep)], dim=1)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=precisions[1] == "bf16"):
-        vq = stage2.generate(prefix, top_p=sc["stage2_top_p"], generator=generator)
+        if stage2.cfg.causal:
+            vq = stage2.generate(prefix, top_p=sc["stage2_top_p"], generator=generator)
+        else:
+            vq = generate_masked(stage2, prefix, sc["stage2_steps"], sc["stage2_choice_temperature"],
+                                 top_p=sc["stage2_top_p"], generator=generator)
     return sem, vq
 
 

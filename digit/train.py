@@ -28,11 +28,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from digit import distributed
 from digit.config import resolve_device
-from digit.gpt import GPT, PRESETS, GPTConfig
+from digit.gpt import GPT, PRESETS, GPTConfig, mask_ratio
 from digit.io import atomic_dir, provenance, read_json, write_json
 from digit.tokens import check_cache_matches, load_token_cache
 
 LOG_HEADER = "step\tloss\tlr\ttokens_per_s\tgrad_norm\n"
+IGNORE = -100  # target of a position without loss (cross_entropy's ignore_index)
 
 
 def learning_rate(step: int, tc: dict) -> float:
@@ -90,17 +91,19 @@ def run_train_ar(config: dict, tokens_dir: str | Path, out_dir: str | Path) -> N
               "codebook_sha256": meta["codebook_sha256"]}
     labels = torch.from_numpy(labels)
 
-    def make_batch(index, view, drop):
+    def draw(generator, n):
+        return {"drop": torch.rand(n, generator=generator) < tc["class_dropout"]} if null_class is not None else {}
+
+    def make_batch(index, view, drop=None):
         targets = torch.from_numpy(tokens[index, view].astype(np.int64))
         if not conditional:
-            return torch.zeros(len(index), 1, dtype=torch.long), targets
-        prefix = labels[index]
-        if drop is not None:
-            prefix = torch.where(drop, null_class, prefix)
-        return prefix[:, None], targets
+            prefix = torch.zeros(len(index), dtype=torch.long)
+        else:
+            prefix = labels[index] if drop is None else torch.where(drop, null_class, labels[index])
+        return prefix[:, None], targets[:, :-1], targets
 
     inputs = {"tokens": Path(tokens_dir) / "train.npy", "tokens_meta": Path(tokens_dir) / "meta.json"}
-    _train(config, "stage1", gpt_cfg, make_batch, tokens.shape[:2], record, inputs, out_dir)
+    _train(config, "stage1", gpt_cfg, make_batch, draw, tokens.shape[:2], record, inputs, out_dir)
 
 
 def run_train_decoder(config: dict, tokens_dir: str | Path, vq_tokens_dir: str | Path, out_dir: str | Path) -> None:
@@ -112,22 +115,33 @@ def run_train_decoder(config: dict, tokens_dir: str | Path, vq_tokens_dir: str |
     if not all(same.values()):
         raise ValueError(f"token caches {tokens_dir} and {vq_tokens_dir} do not hold the same images: their "
                          + ", ".join(name for name, ok in same.items() if not ok) + " differ")
-    sep = sem_meta["vocab_size"]
+    sep, decoder = sem_meta["vocab_size"], config["stage2"]["decoder"]
     gpt_cfg = GPTConfig(vocab_size=vq_meta["vocab_size"], seq_len=vq.shape[2], prefix_vocab_size=sep + 1,
-                        prefix_len=sem.shape[2] + 1, **PRESETS[config["stage2"]["preset"]])
-    record = {"stage": "stage2", "model": asdict(gpt_cfg), "sep_token": sep,
+                        prefix_len=sem.shape[2] + 1, causal=decoder == "ar", **PRESETS[config["stage2"]["preset"]])
+    record = {"stage": "stage2", "decoder": decoder, "model": asdict(gpt_cfg), "sep_token": sep,
               "sem_vocab_size": sem_meta["vocab_size"], "sem_seq_len": sem.shape[2], "sem_grid": sem_meta["grid"],
               "vq_vocab_size": vq_meta["vocab_size"], "vq_seq_len": vq.shape[2], "vq_grid": vq_meta["grid"],
               "codebook_sha256": sem_meta["codebook_sha256"], "vq_sha256": vq_meta["vq_sha256"]}
 
-    def make_batch(index, view, drop):
+    def draw(generator, n):
+        if decoder == "ar":
+            return {}
+        return {"mask_u": torch.rand(n, generator=generator), "mask_noise": torch.rand(n, vq.shape[2], generator=generator)}
+
+    def make_batch(index, view, mask_u=None, mask_noise=None):
         prefix = torch.from_numpy(sem[index, view].astype(np.int64))
         prefix = torch.cat([prefix, torch.full((len(index), 1), sep)], dim=1)
-        return prefix, torch.from_numpy(vq[index, view].astype(np.int64))
+        targets = torch.from_numpy(vq[index, view].astype(np.int64))
+        if decoder == "ar":
+            return prefix, targets[:, :-1], targets
+        # MaskGIT: mask a cosine-scheduled number of random positions (at least one); loss on those only
+        count = (mask_ratio(mask_u) * targets.shape[1]).ceil().clamp(min=1)
+        masked = mask_noise.argsort(-1).argsort(-1) < count[:, None]
+        return prefix, targets.masked_fill(masked, gpt_cfg.vocab_size), targets.masked_fill(~masked, IGNORE)
 
     inputs = {"tokens": Path(tokens_dir) / "train.npy", "tokens_meta": Path(tokens_dir) / "meta.json",
               "vq_tokens": Path(vq_tokens_dir) / "train.npy", "vq_tokens_meta": Path(vq_tokens_dir) / "meta.json"}
-    _train(config, "stage2", gpt_cfg, make_batch, sem.shape[:2], record, inputs, out_dir)
+    _train(config, "stage2", gpt_cfg, make_batch, draw, sem.shape[:2], record, inputs, out_dir)
 
 
 def micro_batch_size(tc: dict, stage: str, world_size: int) -> int:
@@ -139,10 +153,11 @@ def micro_batch_size(tc: dict, stage: str, world_size: int) -> int:
     return tc["batch_size"] // parts
 
 
-def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, cache_shape: tuple, record: dict,
+def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, draw, cache_shape: tuple, record: dict,
            inputs: dict, out_dir: str | Path) -> None:
-    """The shared loop. `make_batch(image_index, view_index, drop)` -> (prefix, targets) LongTensors;
-    `drop` marks the sequences whose class is dropped (None without stage1.class_dropout)."""
+    """The shared loop. `draw(generator, n)` -> the stage's random numbers for a global batch of n
+    sequences, {name: tensor with n rows}; `make_batch(image_index, view_index, **a slice of them)`
+    -> (prefix, inputs, targets) LongTensors, targets IGNORE where there is no loss."""
     tc, out_dir = config[stage], Path(out_dir)
     procs, device = distributed.setup(resolve_device(config))
     micro = micro_batch_size(tc, stage, procs.world_size)
@@ -161,7 +176,6 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, cache_shape
     if tc["compile"]:
         net = torch.compile(net)
     num_images, num_views = cache_shape
-    dropout = tc.get("class_dropout", 0.0)
 
     model.train()
     log = (partial / "log.tsv").open("a") if procs.is_main else contextlib.nullcontext()
@@ -172,7 +186,7 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, cache_shape
             # the global batch: the same draws in every process, whatever the split
             index = torch.randint(num_images, (tc["batch_size"],), generator=generator).numpy()
             view = torch.randint(num_views, (tc["batch_size"],), generator=generator).numpy()
-            drop = torch.rand(tc["batch_size"], generator=generator) < dropout if dropout else None
+            draws = draw(generator, tc["batch_size"])
             lr = learning_rate(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -180,14 +194,14 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, cache_shape
             first = procs.rank * micro * tc["grad_accum_steps"]
             for m in range(tc["grad_accum_steps"]):
                 part = slice(first + m * micro, first + (m + 1) * micro)
-                prefix, targets = (t.to(device) for t in make_batch(
-                    index[part], view[part], None if drop is None else drop[part]))
+                prefix, tokens_in, targets = (t.to(device) for t in make_batch(
+                    index[part], view[part], **{name: value[part] for name, value in draws.items()}))
                 last = m == tc["grad_accum_steps"] - 1
                 # gradients are averaged over the processes once, after the last micro-batch
                 with contextlib.nullcontext() if last or procs.world_size == 1 else net.no_sync():
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc["precision"] == "bf16"):
-                        logits = net(prefix, targets[:, :-1])
-                    micro_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                        logits = net(prefix, tokens_in)
+                    micro_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
                                                  label_smoothing=tc["label_smoothing"]) / tc["grad_accum_steps"]
                     micro_loss.backward()
                 loss += micro_loss.detach()

@@ -39,7 +39,9 @@ def check_results(results: Path, config: dict):
     assert layers[0] == "layer\ttop1" and len(layers) == 1 + PRESETS[config["stage1"]["preset"]]["n_layer"]
 
 
-def test_snakemake_runs_the_chain(tiny_config, in_tmp):
+@pytest.mark.parametrize("decoder", ["ar", "nar"])
+def test_snakemake_runs_the_chain(decoder, tiny_config, in_tmp):
+    tiny_config["stage2"]["decoder"] = decoder
     (in_tmp / "tiny.yaml").write_text(yaml.safe_dump(tiny_config))
     run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
          "--profile", str(REPO / "workflow/profiles/default"), "--configfile", "tiny.yaml",

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from digit.gpt import GPT, PRESETS, GPTConfig, sample_logits
+from digit.gpt import GPT, PRESETS, GPTConfig, generate_masked, mask_ratio, masked_count, sample_logits
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, n_ffn=64)
 STAGE1 = GPTConfig(vocab_size=16, seq_len=10, prefix_vocab_size=3, prefix_len=1, **SMALL)
@@ -149,3 +149,53 @@ def test_paper_presets_train_a_few_steps_on_cpu(preset, vocab):
         optimizer.step()
         losses.append(loss.item())
     assert losses[2] < losses[1] < losses[0], losses
+
+
+NAR = GPTConfig(vocab_size=24, seq_len=10, prefix_vocab_size=17, prefix_len=11, causal=False, **SMALL)
+
+
+def test_nar_model_sees_the_whole_sequence_and_predicts_every_target():
+    gpt = model(NAR)
+    prefix, tokens = batch(NAR)
+    logits = gpt(prefix, tokens)
+    assert logits.shape == (3, NAR.seq_len, NAR.vocab_size)
+    changed = tokens.clone()
+    changed[:, -1] = gpt.mask_token
+    # bidirectional: masking the last target changes the prediction of the first
+    assert not torch.allclose(gpt(prefix, changed)[:, 0], logits[:, 0])
+
+
+def test_masking_schedules_are_cosine():
+    assert [masked_count(s, 8, 256) for s in (0, 8)] == [256, 0]
+    counts = [masked_count(s, 8, 256) for s in range(9)]
+    assert all(a > b for a, b in zip(counts, counts[1:]))
+    assert masked_count(4, 8, 256) == 181  # floor(256 cos(pi/4))
+    torch.testing.assert_close(mask_ratio(torch.tensor([0.0, 0.5])), torch.tensor([1.0, 0.5 ** 0.5]))
+
+
+class Recorder(torch.nn.Module):
+    """A model that remembers the targets it was given at each decoding step."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt, self.cfg, self.mask_token, self.seen = gpt, gpt.cfg, gpt.mask_token, []
+
+    def forward(self, prefix, tokens):
+        self.seen.append(tokens.clone())
+        return self.gpt(prefix, tokens)
+
+
+def test_maskgit_decoding_keeps_its_choices_and_follows_the_schedule():
+    gpt = model(NAR)
+    prefix, _ = batch(NAR, b=4)
+    recorder = Recorder(gpt)
+    tokens = generate_masked(recorder, prefix, steps=4, choice_temperature=4.5,
+                             generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (4, NAR.seq_len) and int(tokens.max()) < NAR.vocab_size
+    assert len(recorder.seen) == 4
+    for step, (before, after) in enumerate(zip(recorder.seen, recorder.seen[1:] + [tokens])):
+        masked = before == gpt.mask_token
+        assert (masked.sum(1) == masked_count(step, 4, NAR.seq_len)).all()
+        assert torch.equal(after[~masked], before[~masked])  # a decided token is never changed
+    again = generate_masked(gpt, prefix, steps=4, choice_temperature=4.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)

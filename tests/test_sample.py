@@ -14,10 +14,12 @@ from digit.vq import VQModel
 from test_train import CLASSES, K, K_VQ, N, sem_tokens, write_cache
 
 
-@pytest.fixture
-def chain(tiny_config, tmp_path):
-    """A random 8 px VQ model with a 4x4 grid of K_VQ codes, and both stages trained a few steps."""
+@pytest.fixture(params=["ar", "nar"])
+def chain(request, tiny_config, tmp_path):
+    """A random 8 px VQ model with a 4x4 grid of K_VQ codes, and both stages trained a few steps;
+    stage 2 is the AR or the MaskGIT decoder."""
     tiny_config["data"]["image_size"] = 8
+    tiny_config["stage2"]["decoder"] = request.param
     for stage in ("stage1", "stage2"):
         tiny_config[stage]["precision"] = "fp32"
     torch.manual_seed(0)

@@ -74,6 +74,17 @@ def test_stage2_learns_the_vq_part(tiny_config, caches, tmp_path):
     assert meta["model"]["vocab_size"] == K_VQ and meta["vq_sha256"] == "v" * 64
 
 
+def test_stage2_maskgit_decoder_learns_the_masked_tokens(tiny_config, caches, tmp_path):
+    tiny_config["stage2"].update(decoder="nar", steps=100, batch_size=16, warmup_steps=5, lr=0.003)
+    run_train_decoder(tiny_config, *caches, tmp_path / "stage2")
+    loss = losses(tmp_path / "stage2")
+    assert np.mean(loss[-5:]) < 0.6 * np.mean(loss[:5])
+    meta = json.loads((tmp_path / "stage2" / "model.json").read_text())
+    assert meta["decoder"] == "nar" and meta["model"]["causal"] is False
+    weights = load_file(tmp_path / "stage2" / "model.safetensors")
+    assert weights["tok_emb.weight"].shape[0] == K_VQ + 1 and weights["tok_pos.weight"].shape[0] == T
+
+
 def interrupt_at(stop_step, config, tokens_dir, out_dir, monkeypatch):
     """Run stage-1 training until it is interrupted at `stop_step`."""
     def interrupted(step, tc):
