@@ -85,6 +85,20 @@ def test_stage2_maskgit_decoder_learns_the_masked_tokens(tiny_config, caches, tm
     assert weights["tok_emb.weight"].shape[0] == K_VQ + 1 and weights["tok_pos.weight"].shape[0] == T
 
 
+@pytest.mark.parametrize("decoder", ["ar", "nar"])
+def test_trained_stages_load_back_as_the_same_models(tiny_config, caches, tmp_path, decoder):
+    from digit.sample import load_stage
+    tiny_config["stage2"]["decoder"] = decoder
+    run_train_ar(tiny_config, caches[0], tmp_path / "stage1")
+    run_train_decoder(tiny_config, *caches, tmp_path / "stage2")
+    for stage in ("stage1", "stage2"):
+        model, meta = load_stage(tmp_path / stage, "cpu")
+        saved = load_file(tmp_path / stage / "model.safetensors")
+        assert model.state_dict().keys() == saved.keys()
+        assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+        assert not model.training and model.cfg.causal == (stage == "stage1" or decoder == "ar")
+
+
 def interrupt_at(stop_step, config, tokens_dir, out_dir, monkeypatch):
     """Run stage-1 training until it is interrupted at `stop_step`."""
     def interrupted(step, tc):
