@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from timing import add_device_argument, median_seconds
+from common import add_device_argument, median_seconds
 
 from digit.gpt import GPT, PRESETS, GPTConfig, generate_masked
 from digit.vq import VQModel

@@ -13,9 +13,9 @@ import argparse
 
 import torch
 
-from timing import add_device_argument, median_seconds
+from common import CLASSES, add_device_argument, add_stage1_shape_arguments, median_seconds, stage1_config
 
-from digit.gpt import GPT, PRESETS, GPTConfig, sample_logits
+from digit.gpt import GPT, sample_logits
 
 
 @torch.no_grad()
@@ -30,21 +30,16 @@ def generate_by_recompute(model: GPT, prefix: torch.Tensor, top_k: int, generato
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--vocab", type=int, default=1024, help="codebook size K")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per image (16x16 in the paper)")
-    parser.add_argument("--batch", type=int, default=16)
+    add_stage1_shape_arguments(parser)
     parser.add_argument("--top-k", type=int, default=200)
     parser.add_argument("--cfg-scale", type=float, default=None, help="also time guided sampling")
     parser.add_argument("--repeats", type=int, default=3)
     add_device_argument(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
-    cfg = GPTConfig(vocab_size=args.vocab, seq_len=args.seq_len, prefix_vocab_size=1001, prefix_len=1,
-                    **PRESETS[args.preset])
     torch.manual_seed(0)
-    model = GPT(cfg).to(device).eval()
-    prefix = torch.arange(args.batch, device=device)[:, None] % 1000
+    model = GPT(stage1_config(args)).to(device).eval()
+    prefix = torch.arange(args.batch, device=device)[:, None] % CLASSES
 
     def seeded():
         return torch.Generator(device).manual_seed(0)
@@ -59,7 +54,7 @@ def main() -> None:
                                     warmup=0, repeats=1, device=device),
     }
     if args.cfg_scale is not None:
-        null = torch.tensor([[1000]], device=device)
+        null = torch.tensor([[CLASSES]], device=device)
         seconds[f"KV cache, CFG {args.cfg_scale}"] = median_seconds(
             lambda: model.generate(prefix, top_k=args.top_k, cfg_scale=args.cfg_scale, null_prefix=null,
                                    generator=seeded()), warmup=1, repeats=args.repeats, device=device)

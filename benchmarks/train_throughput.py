@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timing import add_device_argument, median_seconds
+from common import CLASSES, add_device_argument, add_stage1_shape_arguments, median_seconds, stage1_config
 
-from digit.gpt import GPT, PRESETS, GPTConfig
+from digit.gpt import GPT, GPTConfig
 from digit.train import make_optimizer
 
 # dense bf16 tensor-core peak, FLOP/s, of the GPUs MFU is reported for
@@ -76,19 +76,15 @@ def train_step(model, optimizer, prefix, tokens, bf16: bool, device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--vocab", type=int, default=1024, help="codebook size K")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per image (16x16 in the paper)")
-    parser.add_argument("--batch", type=int, default=16)
+    add_stage1_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     add_device_argument(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
-    cfg = GPTConfig(vocab_size=args.vocab, seq_len=args.seq_len, prefix_vocab_size=1001, prefix_len=1,
-                    **PRESETS[args.preset])
+    cfg = stage1_config(args)
     generator = torch.Generator().manual_seed(0)
-    prefix = torch.randint(1000, (args.batch, 1), generator=generator).to(device)
+    prefix = torch.randint(CLASSES, (args.batch, 1), generator=generator).to(device)
     tokens = torch.randint(args.vocab, (args.batch, args.seq_len), generator=generator).to(device)
     tokens_per_step = args.batch * args.seq_len
     opt_cfg = {"lr": 1e-4, "weight_decay": 0.01}

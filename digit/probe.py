@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from digit.config import resolve_device
 from digit.io import atomic_dir, provenance, write_json
-from digit.sample import load_stage
+from digit.train import load_stage
 from digit.tokens import check_cache_matches, load_token_cache
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torchvision.utils import make_grid
 
 from digit.config import resolve_device
 from digit.data import to_uint8
-from digit.gpt import GPT, GPTConfig, generate_masked
+from digit.gpt import GPT, generate_masked
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.train import load_stage
 from digit.vq import load_vq
 
 GRID_COLUMNS = 10
@@ -22,15 +22,6 @@ GRID_COLUMNS = 10
 def save_png(image: torch.Tensor, path: Path) -> None:
     """uint8 [3, H, W] -> PNG file."""
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
-
-
-def load_stage(stage_dir: str | Path, device) -> tuple[GPT, dict]:
-    """A trained stage (train.run_train_ar / run_train_decoder output) and its model.json."""
-    stage_dir = Path(stage_dir)
-    meta = read_json(stage_dir / "model.json")
-    model = GPT(GPTConfig(**meta["model"]))
-    model.load_state_dict(load_file(stage_dir / "model.safetensors"))
-    return model.to(device).eval(), meta
 
 
 def check_chain(stage1: dict, stage2: dict, vq: dict, vq_sha256: str, image_size: int) -> None:

@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-
 from torch.nn.parallel import DistributedDataParallel
 
 from digit import distributed
@@ -144,6 +143,15 @@ def run_train_decoder(config: dict, tokens_dir: str | Path, vq_tokens_dir: str |
     _train(config, "stage2", gpt_cfg, make_batch, draw, sem.shape[:2], record, inputs, out_dir)
 
 
+def load_stage(stage_dir: str | Path, device) -> tuple[GPT, dict]:
+    """A trained stage (the output of run_train_ar or run_train_decoder), in eval mode, and its model.json."""
+    stage_dir = Path(stage_dir)
+    meta = read_json(stage_dir / "model.json")
+    model = GPT(GPTConfig(**meta["model"]))
+    model.load_state_dict(load_file(stage_dir / "model.safetensors"))
+    return model.to(device).eval(), meta
+
+
 def micro_batch_size(tc: dict, stage: str, world_size: int) -> int:
     """Sequences per forward pass: the global batch split over processes and accumulation steps."""
     parts = world_size * tc["grad_accum_steps"]
@@ -161,7 +169,7 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, draw, cache
     tc, out_dir = config[stage], Path(out_dir)
     procs, device = distributed.setup(resolve_device(config))
     micro = micro_batch_size(tc, stage, procs.world_size)
-    record = {**record, "preset": tc["preset"], "seed": config["seed"], "training": _shaping(tc)}
+    record = {**record, "preset": tc["preset"], "seed": config["seed"], "training": _training_record(tc)}
     partial = out_dir.with_name(out_dir.name + ".partial")
     torch.manual_seed(config["seed"])
     model = GPT(gpt_cfg).to(device)
@@ -235,7 +243,7 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, draw, cache
 EXECUTION_KEYS = ("compile", "activation_checkpointing", "checkpoint_every")
 
 
-def _shaping(tc: dict) -> dict:
+def _training_record(tc: dict) -> dict:
     return {key: value for key, value in tc.items() if key not in EXECUTION_KEYS}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from digit.config import load_config, validate
+from digit.data import run_prepare, run_synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,3 +47,14 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run the test from an empty directory so that results/ lands in tmp."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def manifest(tmp_path_factory) -> Path:
+    """The tiny config's synthetic image folder, generated and prepared once per test run.
+    Tests read it and write their outputs elsewhere."""
+    root = tmp_path_factory.mktemp("tiny-images")
+    config = shrink(load_config(REPO / "config" / "config.yaml"))
+    run_synthesize(config, root / "data")
+    run_prepare(config, root / "data", root / "prepare")
+    return root / "prepare" / "manifest.json"

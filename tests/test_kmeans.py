@@ -4,21 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO, shrink
-from digit.config import load_config
-from digit.data import run_prepare, run_synthesize
 from digit.features import run_features
 from digit.io import sha256_file
 from digit.kmeans import run_kmeans
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    config = shrink(load_config(REPO / "config" / "config.yaml"))
-    run_synthesize(config, root / "data")
-    run_prepare(config, root / "data", root / "prepare")
-    return root / "prepare" / "manifest.json"
 
 
 def test_features_of_a_seeded_sample(tiny_config, in_tmp, manifest):

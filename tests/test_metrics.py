@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from digit.data import ImageDataset, load_manifest, run_prepare, run_synthesize
+from digit.data import ImageDataset, load_manifest
 from digit.io import read_json, sha256_file
 from digit.metrics import (ImagesOnly, SampleDataset, fidelity_metrics, generate_inception_weights,
                            run_evaluate, run_train_classifier)
@@ -15,13 +15,6 @@ def inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "generated.pth"
     generate_inception_weights(path, seed=0)
     return path
-
-
-@pytest.fixture
-def manifest(tiny_config, in_tmp):
-    run_synthesize(tiny_config, in_tmp / "data")
-    run_prepare(tiny_config, in_tmp / "data", in_tmp / "prepare")
-    return in_tmp / "prepare" / "manifest.json"
 
 
 def write_samples(directory, images, labels):

@@ -6,7 +6,7 @@ import torch
 
 from conftest import REPO, shrink
 from digit.config import load_config
-from digit.data import ImageDataset, load_manifest, run_prepare, run_synthesize
+from digit.data import ImageDataset, load_manifest
 from digit.encoders import FeatureEncoder
 from digit.features import run_features
 from digit.io import sha256_file
@@ -15,15 +15,13 @@ from digit.tokens import assign, check_cache_matches, load_token_cache, run_toke
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """A tiny image folder, its manifest and a K-means codebook of its features."""
+def inputs(tmp_path_factory, manifest):
+    """The tiny manifest and a K-means codebook of its features."""
     root = tmp_path_factory.mktemp("inputs")
     config = shrink(load_config(REPO / "config" / "config.yaml"))
-    run_synthesize(config, root / "data")
-    run_prepare(config, root / "data", root / "prepare")
-    run_features(config, root / "prepare" / "manifest.json", root / "features")
+    run_features(config, manifest, root / "features")
     run_kmeans(config, root / "features", root / "codebook")
-    return root / "prepare" / "manifest.json", root / "codebook"
+    return manifest, root / "codebook"
 
 
 @pytest.mark.parametrize("k", [7, 2048])  # 2048: 9000 rows take several GEMM chunks

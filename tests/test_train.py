@@ -87,7 +87,7 @@ def test_stage2_maskgit_decoder_learns_the_masked_tokens(tiny_config, caches, tm
 
 @pytest.mark.parametrize("decoder", ["ar", "nar"])
 def test_trained_stages_load_back_as_the_same_models(tiny_config, caches, tmp_path, decoder):
-    from digit.sample import load_stage
+    from digit.train import load_stage
     tiny_config["stage2"]["decoder"] = decoder
     run_train_ar(tiny_config, caches[0], tmp_path / "stage1")
     run_train_decoder(tiny_config, *caches, tmp_path / "stage2")

@@ -3,16 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from digit.data import ImageDataset, load_manifest, run_prepare, run_synthesize, to_float
+from digit.data import ImageDataset, load_manifest, to_float
 from digit.io import read_json, sha256_file
 from digit.vq import Quantizer, VQModel, codebook_usage, load_vq, run_tokenize_vq, run_train_vq
-
-
-@pytest.fixture
-def manifest(tiny_config, in_tmp):
-    run_synthesize(tiny_config, in_tmp / "data")
-    run_prepare(tiny_config, in_tmp / "data", in_tmp / "prepare")
-    return in_tmp / "prepare" / "manifest.json"
 
 
 def test_straight_through_gradient_reaches_the_encoder():
