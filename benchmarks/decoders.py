@@ -5,7 +5,8 @@ untrained, which does not change their speed. Printed: images/s of each stage-2 
 AR/NAR ratio, and images/s of the VQ decoder rendering the VQ token grids to pixels.
 
     python benchmarks/decoders.py                              # demo shapes: 8x8 grids, 64 px
-    python benchmarks/decoders.py --preset base --grid 16 --vocab 8192 --vq-vocab 1024 --device cuda
+    python benchmarks/decoders.py --preset base --grid 16 --vocab 8192 --vq-vocab 1024 \
+        --vq-config config/imagenet-base.yaml --device cuda
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 from common import add_device_argument, median_seconds
 
 from digit.gpt import GPT, PRESETS, GPTConfig, generate_masked
-from digit.vq import VQModel
+from digit.config import load_config
+from digit.vq import build_vq
 
 
 def main() -> None:
@@ -25,8 +27,8 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=8, help="token grid side of both tokenizers")
     parser.add_argument("--vocab", type=int, default=256, help="discriminative codebook size K")
     parser.add_argument("--vq-vocab", type=int, default=256, help="VQ codebook size")
-    parser.add_argument("--vq-channels", type=int, nargs="+", default=[8, 16, 32, 64],
-                        help="VQ autoencoder channels per resolution (the demo's)")
+    parser.add_argument("--vq-config", default="config/config.yaml",
+                        help="experiment config whose vq section builds the VQ model (random weights)")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--nar-steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -39,7 +41,7 @@ def main() -> None:
     torch.manual_seed(0)
     ar = GPT(GPTConfig(**shape)).to(device).eval()
     nar = GPT(GPTConfig(**shape, causal=False)).to(device).eval()
-    vq = VQModel(args.vq_vocab, 8, args.vq_channels, 0.25).to(device).eval()
+    vq = build_vq(load_config(args.vq_config)["vq"] | {"codebook_size": args.vq_vocab}).to(device).eval()
     prefix = torch.randint(args.vocab, (args.batch, T + 1), device=device)
     prefix[:, -1] = args.vocab  # the separator
 

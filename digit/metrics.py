@@ -141,16 +141,39 @@ def generate_inception_weights(path: str | Path, seed: int) -> None:
     torch.save(net.state_dict(), path)
 
 
-def fidelity_metrics(samples: str | Path, reference: torch.utils.data.Dataset, weights: str | Path,
-                     batch_size: int, cuda: bool, seed: int, cache_root: str | Path) -> dict:
-    """FID, IS and KID of a folder of samples against a reference dataset of uint8 images; no downloads."""
-    n_samples = len(list(Path(samples).glob("*.png")))
+def check_inception_weights(config: dict) -> None:
+    """A configured InceptionV3 weights file must exist: checked before a stage does any work."""
+    weights = config["evaluate"]["inception_weights"]
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"config key 'evaluate.inception_weights': no such file {weights}")
+
+
+def inception_weights(config: dict, scratch: Path) -> tuple[Path, bool]:
+    """The InceptionV3 weights file of evaluate.inception_weights, or deterministic generated ones
+    written to `scratch` (kept by their hash only, not the 96 MB file); and whether FID is calibrated."""
+    check_inception_weights(config)
+    if config["evaluate"]["inception_weights"] is not None:
+        return Path(config["evaluate"]["inception_weights"]), True
+    generated = scratch / "inception-generated.pth"
+    generate_inception_weights(generated, config["seed"])
+    return generated, False
+
+
+def fidelity_metrics(samples: str | Path | torch.utils.data.Dataset, reference: torch.utils.data.Dataset,
+                     weights: str | Path, batch_size: int, cuda: bool, seed: int, cache_root: str | Path,
+                     reference_name: str | None = None) -> dict:
+    """FID, IS and KID of samples (a folder of PNGs or a dataset of uint8 images) against a reference
+    dataset of uint8 images; no downloads. With `reference_name`, the reference's features are cached
+    under that name in `cache_root` and reused by the next call that names it."""
+    n_samples = len(samples) if isinstance(samples, torch.utils.data.Dataset) else len(list(Path(samples).glob("*.png")))
     raw = torch_fidelity.calculate_metrics(
-        input1=str(samples), input2=reference, cuda=cuda, batch_size=batch_size,
+        input1=samples if isinstance(samples, torch.utils.data.Dataset) else str(samples), input2=reference,
+        cuda=cuda, batch_size=batch_size,
         fid=True, isc=True, kid=True, isc_splits=min(10, n_samples),
         kid_subset_size=min(1000, n_samples, len(reference)),
         feature_extractor_weights_path=str(weights), rng_seed=seed,
-        cache=False, cache_root=str(cache_root), datasets_download=False, verbose=False,
+        cache=reference_name is not None, input2_cache_name=reference_name,
+        cache_root=str(cache_root), datasets_download=False, verbose=False,
         save_cpu_ram=not cuda)  # image-decoding workers only pay off when a GPU runs the Inception
     return {"fid": raw["frechet_inception_distance"],
             "inception_score": raw["inception_score_mean"], "inception_score_std": raw["inception_score_std"],
@@ -160,9 +183,7 @@ def fidelity_metrics(samples: str | Path, reference: torch.utils.data.Dataset, w
 def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Path,
                  classifier_dir: str | Path, out_dir: str | Path) -> None:
     """metrics.json: FID/IS/KID against the val images, and CAS of the samples."""
-    weights = config["evaluate"]["inception_weights"]
-    if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(f"config key 'evaluate.inception_weights': no such file {weights}")
+    check_inception_weights(config)
     device = resolve_device(config)
     size, batch_size = config["data"]["image_size"], config["evaluate"]["batch_size"]
     manifest = load_manifest(manifest_path)
@@ -172,14 +193,10 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
         raise ValueError(f"{classifier_dir} was trained on other classes than {manifest_path} lists")
 
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
-        if weights is None:
-            # Deterministic from the seed, so only its hash is kept, not the 96 MB file.
-            weights = Path(scratch) / "inception-generated.pth"
-            generate_inception_weights(weights, config["seed"])
+        weights, calibrated = inception_weights(config, Path(scratch))
         reference = ImagesOnly(ImageDataset(manifest, "val", size))
         metrics = fidelity_metrics(Path(samples_dir) / "images", reference, weights, batch_size,
                                    device.type == "cuda", config["seed"], scratch)
-        calibrated = config["evaluate"]["inception_weights"] is not None
         metrics |= {
             "cas": accuracy(classifier, samples, batch_size, device),
             "chance": 1 / len(manifest["classes"]),

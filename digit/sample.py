@@ -40,25 +40,29 @@ def check_chain(stage1: dict, stage2: dict, vq: dict, vq_sha256: str, image_size
 
 
 @torch.no_grad()
+def decode_stage2(stage2: GPT, sem: torch.Tensor, sc: dict, sep: int, generator: torch.Generator,
+                  precision: str) -> torch.Tensor:
+    """Discriminative tokens [B, T_sem] -> VQ tokens [B, T_vq]: AR with top-p, or MaskGIT decoding."""
+    prefix = torch.cat([sem, torch.full_like(sem[:, :1], sep)], dim=1)
+    with torch.autocast(sem.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        if stage2.cfg.causal:
+            return stage2.generate(prefix, top_p=sc["stage2_top_p"], generator=generator)
+        return generate_masked(stage2, prefix, sc["stage2_steps"], sc["stage2_choice_temperature"],
+                               top_p=sc["stage2_top_p"], generator=generator)
+
+
+@torch.no_grad()
 def generate_tokens(stage1: GPT, stage2: GPT, conditions: torch.Tensor, sc: dict, null_class: int | None,
                     sep: int, generator: torch.Generator,
                     precisions: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage-1 prefix tokens [B] (class ids, or the start token 0) -> (sem tokens [B, T_sem], VQ tokens
     [B, T_vq]); each stage runs under the precision it was trained in. Stage 1 is guided by the null
     class when sample.cfg_scale is not 1."""
-    device = conditions.device.type
     null_prefix = None if null_class is None else torch.tensor([[null_class]], device=conditions.device)
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=precisions[0] == "bf16"):
+    with torch.autocast(conditions.device.type, dtype=torch.bfloat16, enabled=precisions[0] == "bf16"):
         sem = stage1.generate(conditions[:, None], temperature=sc["temperature"], top_k=sc["top_k"],
                               top_p=sc["top_p"], cfg_scale=sc["cfg_scale"], null_prefix=null_prefix, generator=generator)
-    prefix = torch.cat([sem, torch.full_like(sem[:, :1], sep)], dim=1)
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=precisions[1] == "bf16"):
-        if stage2.cfg.causal:
-            vq = stage2.generate(prefix, top_p=sc["stage2_top_p"], generator=generator)
-        else:
-            vq = generate_masked(stage2, prefix, sc["stage2_steps"], sc["stage2_choice_temperature"],
-                                 top_p=sc["stage2_top_p"], generator=generator)
-    return sem, vq
+    return sem, decode_stage2(stage2, sem, sc, sep, generator, precisions[1])
 
 
 def run_sample(config: dict, stage1_dir: str | Path, stage2_dir: str | Path, vq_dir: str | Path,

@@ -1,9 +1,11 @@
-"""The pixel tokenizer: a small VQGAN-family autoencoder (conv encoder, vector quantizer, conv decoder).
+"""The pixel tokenizer: a VQGAN (conv encoder, vector quantizer, conv decoder) and its token cache.
 
-Stage 2 predicts its tokens and its decoder renders them. Codes that no encoding picked during
-the last few steps are moved onto encodings of the current batch (dead-code restart), which keeps
-the whole codebook in use. There is no adversarial or perceptual loss: at demo scale plain L1
-reconstruction is what fits the time budget.
+Stage 2 predicts its tokens and its decoder renders them. The model either loads pretrained
+weights (digit/vqgan_weights.py: MAGE's ImageNet VQGAN) or is trained here: L1 reconstruction and
+the VQ-VAE codebook/commitment loss, with optional perceptual and adversarial terms
+(digit/vq_losses.py) and an EMA of the weights. Codes that no encoding picked during the last few
+steps are moved onto encodings of the current batch (dead-code restart), which keeps the whole
+codebook in use.
 """
 from __future__ import annotations
 
@@ -17,25 +19,112 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from digit.config import resolve_device
 from digit.data import ImageDataset, load_manifest, random_batches, to_float, to_uint8
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.vq_losses import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_discriminator_loss
 
 LOG_EVERY = 10  # steps per log row; also the window in which an unused code counts as dead
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
 class ResBlock(nn.Module):
-    def __init__(self, channels: int):
+    """GroupNorm-swish-conv, twice. Where the width changes, MaskGIT's tokenizer (whose weights MAGE
+    ported) adds a 1x1 projection of the block's own output, not of its input: kept, so that those
+    weights compute what they were trained to."""
+
+    def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        groups = math.gcd(32, channels)
-        self.block = nn.Sequential(
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-        )
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.norm2 = group_norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(c_out, c_out, 1, bias=False) if c_in != c_out else None
 
     def forward(self, x):
-        return x + self.block(x)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + (x if self.shortcut is None else self.shortcut(h))
+
+
+def res_blocks(c_in: int, c_out: int, n: int) -> nn.Sequential:
+    return nn.Sequential(*[ResBlock(c_in if i == 0 else c_out, c_out) for i in range(n)])
+
+
+class Encoder(nn.Module):
+    """Images -> encodings [B, code_dim, H/f, W/f]; one level per width, 2x average pooling between."""
+
+    def __init__(self, widths: list[int], stem_width: int, num_res_blocks: int, code_dim: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, stem_width, 3, padding=1, bias=False)
+        self.levels = nn.ModuleList(res_blocks(c_in, c_out, num_res_blocks)
+                                    for c_in, c_out in zip([stem_width] + widths[:-1], widths))
+        self.middle = res_blocks(widths[-1], widths[-1], 2)
+        self.norm = group_norm(widths[-1])
+        self.proj = nn.Conv2d(widths[-1], code_dim, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for i, level in enumerate(self.levels):
+            h = level(h)
+            if i < len(self.levels) - 1:
+                h = F.avg_pool2d(h, 2)
+        return self.proj(F.silu(self.norm(self.middle(h))))
+
+
+class Decoder(nn.Module):
+    """Codes -> images; the encoder's levels in reverse, nearest 2x upsampling + conv between."""
+
+    def __init__(self, widths: list[int], num_res_blocks: int, code_dim: int):
+        super().__init__()
+        widths = widths[::-1]
+        self.stem = nn.Conv2d(code_dim, widths[0], 3, padding=1)
+        self.middle = res_blocks(widths[0], widths[0], 2)
+        self.levels = nn.ModuleList(res_blocks(c_in, c_out, num_res_blocks)
+                                    for c_in, c_out in zip(widths[:1] + widths[:-1], widths))
+        self.upsample = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for c in widths[:-1])
+        self.norm = group_norm(widths[-1])
+        self.proj = nn.Conv2d(widths[-1], 3, 3, padding=1)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.proj.weight
+
+    def forward(self, z):
+        h = self.middle(self.stem(z))
+        for i, level in enumerate(self.levels):
+            h = level(h)
+            if i < len(self.upsample):
+                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.proj(F.silu(self.norm(h)))
+
+
+class CompactEncoder(nn.Sequential):
+    """A CPU-sized alternative: stride-2 convolutions and a ResBlock at each reduced resolution only
+    (at the full resolution one would cost as much as all the others together)."""
+
+    def __init__(self, widths: list[int], code_dim: int):
+        layers = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), ResBlock(c_out, c_out)]
+        super().__init__(*layers, group_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], code_dim, 1))
+
+
+class CompactDecoder(nn.Sequential):
+    def __init__(self, widths: list[int], code_dim: int):
+        layers = [nn.Conv2d(code_dim, widths[-1], 3, padding=1)]
+        for c_in, c_out in zip(widths[:0:-1], widths[-2::-1]):
+            layers += [ResBlock(c_in, c_in), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
+        super().__init__(*layers, nn.SiLU(), nn.Conv2d(widths[0], 3, 3, padding=1))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self[-1].weight
 
 
 class Quantizer(nn.Module):
@@ -73,39 +162,56 @@ class Quantizer(nn.Module):
 
 
 class VQModel(nn.Module):
-    """Conv encoder and decoder with len(channels) - 1 stride-2 steps and a ResBlock at each reduced
-    resolution; the full resolution has only the input and output convolutions (a ResBlock there
-    would cost as much as all the others together)."""
+    """Encoder, quantizer, decoder; level i is channels * channel_mult[i] wide, with len(channel_mult) - 1
+    halvings of the resolution between the levels. arch `vqgan` is taming-transformers' VQGAN as
+    MaskGIT and MAGE cut it down (num_res_blocks ResBlocks per level, no attention, no quant convs);
+    `compact` is the CPU-sized one (num_res_blocks unused). Pixels come in and go out in [-1, 1];
+    `pixel_range` is what the network itself works in ([0, 1] for MAGE's weights)."""
 
-    def __init__(self, codebook_size: int, code_dim: int, channels: list[int], beta: float):
+    def __init__(self, arch: str, codebook_size: int, code_dim: int, channels: int, channel_mult: list[int],
+                 num_res_blocks: int, beta: float, pixel_range: tuple[float, float] = (-1.0, 1.0)):
         super().__init__()
-        self.downsample = 2 ** (len(channels) - 1)
-        encoder = [nn.Conv2d(3, channels[0], 3, padding=1)]
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
-            encoder += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), ResBlock(c_out)]
-        encoder += [nn.GroupNorm(math.gcd(32, channels[-1]), channels[-1]), nn.SiLU(),
-                    nn.Conv2d(channels[-1], code_dim, 1)]
-        decoder = [nn.Conv2d(code_dim, channels[-1], 3, padding=1)]
-        for c_in, c_out in zip(channels[:0:-1], channels[-2::-1]):
-            decoder += [ResBlock(c_in), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
-        decoder += [nn.SiLU(), nn.Conv2d(channels[0], 3, 3, padding=1)]
-        self.encoder = nn.Sequential(*encoder)
+        widths = [channels * m for m in channel_mult]
+        self.arch = arch
+        self.downsample = 2 ** (len(channel_mult) - 1)
+        self.pixel_range = tuple(pixel_range)
+        if arch == "vqgan":
+            self.encoder = Encoder(widths, channels, num_res_blocks, code_dim)
+            self.decoder = Decoder(widths, num_res_blocks, code_dim)
+        else:
+            self.encoder = CompactEncoder(widths, code_dim)
+            self.decoder = CompactDecoder(widths, code_dim)
         self.quantizer = Quantizer(codebook_size, code_dim, beta)
-        self.decoder = nn.Sequential(*decoder)
+
+    def _to_model(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = self.pixel_range
+        return x if (low, high) == (-1, 1) else (x + 1) * ((high - low) / 2) + low
+
+    def _from_model(self, y: torch.Tensor) -> torch.Tensor:
+        low, high = self.pixel_range
+        return y if (low, high) == (-1, 1) else (y - low) * (2 / (high - low)) - 1
 
     def forward(self, x: torch.Tensor):
         """x [B, 3, H, W] in [-1, 1] -> (reconstruction, encoding, indices [B, h, w], VQ loss)."""
-        z = self.encoder(x)
+        z = self.encoder(self._to_model(x))
         z_q, indices, vq_loss = self.quantizer(z)
-        return self.decoder(z_q), z, indices, vq_loss
+        return self._from_model(self.decoder(z_q)), z, indices, vq_loss
 
     @torch.no_grad()
     def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantizer.lookup(self.encoder(x))
+        return self.quantizer.lookup(self.encoder(self._to_model(x)))
 
     @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.quantizer.embed(indices)).float().clamp(-1, 1)
+        return self._from_model(self.decoder(self.quantizer.embed(indices)).float()).clamp(-1, 1)
+
+
+ARCHITECTURE = ("arch", "codebook_size", "code_dim", "channels", "channel_mult", "num_res_blocks", "beta", "pixel_range")
+
+
+def build_vq(vq: dict) -> VQModel:
+    """The model that config section `vq` (or a model.json) describes."""
+    return VQModel(**{key: vq[key] for key in ARCHITECTURE})
 
 
 def codebook_usage(indices: torch.Tensor, codebook_size: int) -> tuple[float, float]:
@@ -116,94 +222,149 @@ def codebook_usage(indices: torch.Tensor, codebook_size: int) -> tuple[float, fl
     return (counts > 0).float().mean().item(), entropy.exp().item()
 
 
-def _hyperparams(config: dict) -> dict:
-    vq = config["vq"]
-    return {"codebook_size": vq["codebook_size"], "code_dim": vq["code_dim"],
-            "channels": vq["channels"], "beta": vq["beta"]}
-
-
 def run_train_vq(config: dict, manifest_path: str | Path, out_dir: str | Path) -> None:
-    """Train the autoencoder on the train split: L1 reconstruction + VQ loss, Adam, cosine decay."""
+    """The pixel tokenizer of the experiment: trained here (vq.weights: train) or converted from a
+    pretrained taming-layout VQGAN (vq.weights: file); then its validation reconstructions."""
     vq, size = config["vq"], config["data"]["image_size"]
-    if size % 2 ** (len(vq["channels"]) - 1):
+    if size % 2 ** (len(vq["channel_mult"]) - 1):
         raise ValueError(f"data.image_size {size} is not divisible by the VQ downsampling "
-                         f"2^{len(vq['channels']) - 1} (vq.channels)")
+                         f"2^{len(vq['channel_mult']) - 1} (vq.channel_mult)")
     device = resolve_device(config)
     torch.manual_seed(config["seed"])
     manifest = load_manifest(manifest_path)
-    model = VQModel(**_hyperparams(config)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=vq["lr"])
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / vq["steps"])))
-    batches = random_batches(manifest, size, vq["batch_size"], config["seed"])
+    model = build_vq(vq).to(device)
     use_bf16 = vq["precision"] == "bf16"
-    generator = torch.Generator().manual_seed(config["seed"])
-
     with atomic_dir(out_dir) as tmp:
-        with (tmp / "log.tsv").open("w") as log:
-            log.write("step\tloss\trecon\tcommit\tusage\tperplexity\timages_per_s\n")
-            window, window_indices, start = [], [], time.perf_counter()
-            for step in range(1, vq["steps"] + 1):
-                images = to_float(next(batches)[0]).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    recon, z, indices, vq_loss = model(images)
-                recon_loss = F.l1_loss(recon.float(), images)
-                loss = recon_loss + vq_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                window.append(torch.stack([loss, recon_loss, vq_loss]).detach())
-                window_indices.append(indices)
-                if step % LOG_EVERY == 0 or step == vq["steps"]:
-                    means = torch.stack(window).mean(0).tolist()
-                    seen = torch.cat(window_indices)
-                    usage, perplexity = codebook_usage(seen, vq["codebook_size"])
-                    if step < vq["steps"]:
-                        used = torch.bincount(seen.flatten(), minlength=vq["codebook_size"]) > 0
-                        model.quantizer.restart_dead(used, z.detach(), generator)
-                    rate = len(window) * vq["batch_size"] / (time.perf_counter() - start)
-                    log.write(f"{step}\t{means[0]:.5f}\t{means[1]:.5f}\t{means[2]:.5f}\t{usage:.4f}"
-                              f"\t{perplexity:.2f}\t{rate:.1f}\n")
-                    log.flush()
-                    window, window_indices, start = [], [], time.perf_counter()
-
+        if vq["weights"] == "file":
+            from digit.vqgan_weights import load_pretrained
+            load_pretrained(model, vq["weights_file"])
+            (tmp / "log.tsv").write_text(LOG_HEADER)
+            final = None
+        else:
+            model, final = _train(model, config, manifest, device, tmp / "log.tsv")
         model.eval()
         save_file(model.state_dict(), tmp / "model.safetensors")
         val = _evaluate(model, manifest, size, device, use_bf16, tmp / "recon.png")
+        inputs = {"manifest": manifest_path} | ({"weights_file": vq["weights_file"]} if vq["weights"] == "file" else {})
         write_json(tmp / "model.json", {
-            **_hyperparams(config), "image_size": size, "grid": [size // model.downsample] * 2,
-            "steps": vq["steps"], "final": {"loss": means[0], "recon": means[1], "commit": means[2],
-                                            "usage": usage, "perplexity": perplexity},
-            "val": val, "provenance": provenance({"seed": config["seed"], "data": config["data"], "vq": vq},
-                                                 {"manifest": manifest_path}),
+            **{key: vq[key] for key in ARCHITECTURE}, "image_size": size, "grid": [size // model.downsample] * 2,
+            "weights": vq["weights"], "steps": vq["steps"] if final else 0, "final": final, "val": val,
+            "provenance": provenance({"seed": config["seed"], "data": config["data"], "vq": vq}, inputs),
         })
-    print(f"train-vq: val L1 {val['recon_l1']:.4f}, codebook usage {val['usage']:.2f} "
+    print(f"train-vq: val L1 {val['recon_l1']:.4f}, PSNR {val['psnr']:.2f} dB, codebook usage {val['usage']:.2f} "
           f"(perplexity {val['perplexity']:.1f})")
+
+
+LOG_HEADER = "step\tloss\trecon\tcommit\tperceptual\tgenerator\tdiscriminator\tusage\tperplexity\timages_per_s\n"
+
+
+def _train(model: VQModel, config: dict, manifest: dict, device, log_path: Path) -> tuple[VQModel, dict]:
+    """L1 reconstruction + VQ loss (+ perceptual, + adversarial after vq.adversarial_start), Adam with
+    cosine decay, dead codes restarted. Returns the model to keep (the EMA one if vq.ema_decay > 0)
+    and the last logged means."""
+    vq, size = config["vq"], config["data"]["image_size"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=vq["lr"], betas=(0.5, 0.9))
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / vq["steps"]))  # noqa: E731
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    perceptual = PerceptualLoss(vq["perceptual_weights_file"]).to(device) if vq["perceptual_weight"] > 0 else None
+    adversarial = vq["adversarial_weight"] > 0
+    if adversarial:
+        discriminator = PatchDiscriminator(vq["channels"]).to(device)
+        d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=vq["lr"], betas=(0.5, 0.9))
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(vq["ema_decay"]))
+           if vq["ema_decay"] > 0 else None)
+    batches = random_batches(manifest, size, vq["batch_size"], config["seed"])
+    use_bf16 = vq["precision"] == "bf16"
+    generator = torch.Generator().manual_seed(config["seed"])
+    zero = torch.zeros((), device=device)
+
+    with log_path.open("w") as log:
+        log.write(LOG_HEADER)
+        window, window_indices, start = [], [], time.perf_counter()
+        for step in range(1, vq["steps"] + 1):
+            images = to_float(next(batches)[0]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                recon, z, indices, vq_loss = model(images)
+                recon = recon.float()
+                recon_loss = F.l1_loss(recon, images)
+                perceptual_loss = perceptual(recon, images) if perceptual else zero
+                loss = recon_loss + vq["perceptual_weight"] * perceptual_loss + vq_loss
+                gan_on = adversarial and step > vq["adversarial_start"]
+                generator_loss = -discriminator(recon).float().mean() if gan_on else zero
+                if gan_on:
+                    weight = adaptive_weight(recon_loss + vq["perceptual_weight"] * perceptual_loss,
+                                             generator_loss, model.decoder.last_layer)
+                    loss = loss + vq["adversarial_weight"] * weight * generator_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            d_loss = zero
+            if gan_on:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    d_loss = hinge_discriminator_loss(discriminator(images).float(),
+                                                      discriminator(recon.detach()).float())
+                d_optimizer.zero_grad(set_to_none=True)
+                d_loss.backward()
+                for group in d_optimizer.param_groups:  # the generator's cosine schedule, from step 1
+                    group["lr"] = vq["lr"] * cosine(step - 1)
+                d_optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            window.append(torch.stack([loss, recon_loss, vq_loss, perceptual_loss, generator_loss, d_loss]).detach())
+            window_indices.append(indices)
+            if step % LOG_EVERY == 0 or step == vq["steps"]:
+                means = torch.stack(window).mean(0).tolist()
+                seen = torch.cat(window_indices)
+                usage, perplexity = codebook_usage(seen, vq["codebook_size"])
+                if step < vq["steps"]:
+                    used = torch.bincount(seen.flatten(), minlength=vq["codebook_size"]) > 0
+                    model.quantizer.restart_dead(used, z.detach(), generator)
+                rate = len(window) * vq["batch_size"] / (time.perf_counter() - start)
+                log.write("\t".join([str(step)] + [f"{m:.5f}" for m in means] + [f"{usage:.4f}", f"{perplexity:.2f}",
+                                                                               f"{rate:.1f}"]) + "\n")
+                log.flush()
+                window, window_indices, start = [], [], time.perf_counter()
+    final = dict(zip(("loss", "recon", "commit", "perceptual", "generator", "discriminator"), means))
+    final |= {"usage": usage, "perplexity": perplexity}
+    if ema is None:
+        return model, final
+    # Restarts move codes abruptly, which an average would blur: the EMA model keeps the live codebook.
+    ema.module.quantizer.load_state_dict(model.quantizer.state_dict())
+    return ema.module, final
 
 
 @torch.no_grad()
 def _evaluate(model: VQModel, manifest: dict, size: int, device, use_bf16: bool, grid_path: Path) -> dict:
-    """Validation L1 and codebook usage; a grid of val images, each beside its reconstruction."""
+    """Validation L1, PSNR and codebook usage; a grid of val images, each beside its reconstruction."""
     dataset = ImageDataset(manifest, "val", size)
-    l1, all_indices = 0.0, []
+    l1, psnr, all_indices = 0.0, [], []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
         for images, _ in torch.utils.data.DataLoader(dataset, batch_size=100):
             x = to_float(images).to(device)
             indices = model.encode_indices(x)
-            l1 += F.l1_loss(model.decode_indices(indices), x, reduction="sum").item()
+            recon = model.decode_indices(indices)
+            l1 += F.l1_loss(recon, x, reduction="sum").item()
+            psnr.extend(peak_snr(to_uint8(recon).cpu(), images).tolist())
             all_indices.append(indices)
         shown = torch.stack([dataset[i][0] for i in np.linspace(0, len(dataset) - 1, 16).astype(int)])
         recon = to_uint8(model.decode_indices(model.encode_indices(to_float(shown).to(device)))).cpu()
     usage, perplexity = codebook_usage(torch.cat(all_indices), model.quantizer.codebook.num_embeddings)
     torchvision.utils.save_image(torch.stack([shown, recon], 1).flatten(0, 1).float() / 255, grid_path, nrow=8)
-    return {"recon_l1": l1 / (len(dataset) * 3 * size * size), "usage": usage, "perplexity": perplexity}
+    return {"recon_l1": l1 / (len(dataset) * 3 * size * size), "psnr": float(np.mean(psnr)),
+            "usage": usage, "perplexity": perplexity}
+
+
+def peak_snr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each uint8 image [B, 3, H, W] against its reference."""
+    mse = (images.float() - references.float()).square().flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
 
 
 def load_vq(vq_dir: str | Path, device="cpu") -> VQModel:
     vq_dir = Path(vq_dir)
     meta = read_json(vq_dir / "model.json")
-    model = VQModel(**{k: meta[k] for k in ("codebook_size", "code_dim", "channels", "beta")})
+    model = build_vq(meta)
     model.load_state_dict(load_file(vq_dir / "model.safetensors"))
     return model.to(device).eval()
 

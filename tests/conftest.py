@@ -22,7 +22,7 @@ def shrink(config: dict) -> dict:
     c["encoder"]["batch_size"] = 8
     c["kmeans"].update(k=16, iterations=5, sample_fraction=1.0)
     c["tokenize"]["batch_size"] = 8
-    c["vq"].update(codebook_size=32, code_dim=8, channels=[16, 16, 16], steps=5, batch_size=4)
+    c["vq"].update(codebook_size=32, code_dim=8, channels=8, channel_mult=[1, 2, 2], steps=5, batch_size=4)
     for stage in ("stage1", "stage2"):
         c[stage].update(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3)
     c["sample"].update(per_class=2, batch_size=4, top_k=8)

@@ -25,8 +25,10 @@ def run(args, cwd):
 
 def check_results(results: Path, config: dict):
     metrics = json.loads((results / "metrics.json").read_text())
-    for key in ("fid", "inception_score", "cas", "chance", "fid_calibrated", "probe_top1_best", "probe_best_layer"):
+    for key in ("fid", "inception_score", "cas", "chance", "fid_calibrated", "probe_top1_best", "probe_best_layer",
+                "upper_bound_fid", "upper_bound_inception_score", "upper_bound_psnr", "vq_recon_fid", "vq_recon_psnr"):
         assert key in metrics, key
+    assert 0 < metrics["upper_bound_psnr"] < 100 and metrics["upper_bound_num_images"] >= 2
     assert metrics["chance"] == pytest.approx(1 / config["data"]["synthetic"]["num_classes"])
     assert 0 <= metrics["cas"] <= 1 and metrics["fid"] >= 0
     assert (results / "grid.png").stat().st_size > 0

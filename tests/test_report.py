@@ -22,13 +22,16 @@ def stage_dirs(in_tmp):
     (in_tmp / "probe").mkdir()
     (in_tmp / "probe" / "metrics.json").write_text(json.dumps({"probe_top1_best": 0.7, "probe_best_layer": 2}))
     (in_tmp / "probe" / "layers.tsv").write_text(PROBE_LAYERS)
+    (in_tmp / "upper_bound").mkdir()
+    (in_tmp / "upper_bound" / "metrics.json").write_text(json.dumps({"upper_bound_fid": 3.0, "vq_recon_psnr": 25.0}))
     (in_tmp / "samples").mkdir()
     (in_tmp / "samples" / "grid.png").write_bytes(b"\x89PNG fake")
-    return {name: in_tmp / name for name in ("evaluate", "probe", "stage1", "stage2", "vq", "samples")}
+    return {name: in_tmp / name for name in ("evaluate", "probe", "upper_bound", "stage1", "stage2", "vq", "samples")}
 
 
 def report(config, dirs, out):
-    run_report(config, dirs["evaluate"], dirs["probe"], dirs["stage1"], dirs["stage2"], dirs["vq"], dirs["samples"], out)
+    run_report(config, dirs["evaluate"], dirs["probe"], dirs["upper_bound"], dirs["stage1"], dirs["stage2"],
+               dirs["vq"], dirs["samples"], out)
 
 
 def test_report_outputs(tiny_config, stage_dirs, in_tmp):
@@ -36,7 +39,7 @@ def test_report_outputs(tiny_config, stage_dirs, in_tmp):
     report(tiny_config, stage_dirs, out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == {"experiment": "tiny", "fid": 12.5, "cas": 0.4, "chance": 0.1,
-                       "probe_top1_best": 0.7, "probe_best_layer": 2,
+                       "probe_top1_best": 0.7, "probe_best_layer": 2, "upper_bound_fid": 3.0, "vq_recon_psnr": 25.0,
                        "vq_final_loss": 0.3, "vq_steps": 20, "stage1_final_loss": 3.5, "stage1_steps": 6,
                        "stage2_final_loss": 2.5, "stage2_steps": 6}
     for stage, log in LOGS.items():
@@ -51,3 +54,10 @@ def test_report_names_a_missing_log(tiny_config, stage_dirs, in_tmp):
     with pytest.raises(FileNotFoundError, match="stage2"):
         report(tiny_config, stage_dirs, in_tmp / "out")
     assert not (in_tmp / "out" / "metrics.json").exists()
+
+
+def test_a_pretrained_vq_model_reports_zero_steps(tiny_config, stage_dirs, in_tmp):
+    (stage_dirs["vq"] / "log.tsv").write_text(LOGS["vq"].splitlines(keepends=True)[0])  # header only
+    report(tiny_config, stage_dirs, in_tmp / "out")
+    metrics = json.loads((in_tmp / "out" / "metrics.json").read_text())
+    assert metrics["vq_steps"] == 0 and "vq_final_loss" not in metrics

@@ -9,26 +9,29 @@ from safetensors.torch import save_file
 
 from digit.io import sha256_file
 from digit.sample import run_sample
+from digit.upper_bound import chosen_images, run_upper_bound
 from digit.train import run_train_ar, run_train_decoder
-from digit.vq import VQModel
+from digit.vq import build_vq
 from test_train import CLASSES, K, K_VQ, N, sem_tokens, write_cache
+
+# a random 8 px VQ model with a 4x4 grid of K_VQ codes
+VQ_ARCH = {"arch": "compact", "codebook_size": K_VQ, "code_dim": 4, "channels": 8, "channel_mult": [1, 1],
+           "num_res_blocks": 1, "beta": 0.25, "pixel_range": [-1, 1]}
 
 
 @pytest.fixture(params=["ar", "nar"])
 def chain(request, tiny_config, tmp_path):
-    """A random 8 px VQ model with a 4x4 grid of K_VQ codes, and both stages trained a few steps;
-    stage 2 is the AR or the MaskGIT decoder."""
+    """A random VQ model (VQ_ARCH), and both stages trained a few steps; stage 2 is the AR or the
+    MaskGIT decoder."""
     tiny_config["data"]["image_size"] = 8
     tiny_config["stage2"]["decoder"] = request.param
     for stage in ("stage1", "stage2"):
         tiny_config[stage]["precision"] = "fp32"
     torch.manual_seed(0)
-    vq = VQModel(codebook_size=K_VQ, code_dim=4, channels=[8, 8], beta=0.25)
     vq_dir = tmp_path / "vq"
     vq_dir.mkdir()
-    save_file(vq.state_dict(), vq_dir / "model.safetensors")
-    (vq_dir / "model.json").write_text(json.dumps(
-        {"codebook_size": K_VQ, "code_dim": 4, "channels": [8, 8], "beta": 0.25, "image_size": 8, "grid": [4, 4]}))
+    save_file(build_vq(VQ_ARCH).state_dict(), vq_dir / "model.safetensors")
+    (vq_dir / "model.json").write_text(json.dumps(VQ_ARCH | {"image_size": 8, "grid": [4, 4]}))
     labels = np.arange(N) % CLASSES
     sem = sem_tokens(labels)
     tokens = write_cache(tmp_path / "tokens", "discriminative", sem, labels, K, codebook_sha256="c" * 64)
@@ -71,9 +74,8 @@ def test_another_seed_gives_other_samples(chain, tmp_path):
 
 def test_refuses_a_vq_model_that_stage2_was_not_trained_for(chain, tmp_path):
     config, stage1, stage2, vq = chain
-    torch.manual_seed(1)
-    save_file(VQModel(codebook_size=K_VQ, code_dim=4, channels=[8, 8], beta=0.25).state_dict(),
-              vq / "model.safetensors")
+    torch.manual_seed(1)  # other random weights
+    save_file(build_vq(VQ_ARCH).state_dict(), vq / "model.safetensors")
     with pytest.raises(ValueError, match="vq_sha256"):
         run_sample(config, stage1, stage2, vq, tmp_path / "samples")
     assert not (tmp_path / "samples").exists()
@@ -96,3 +98,37 @@ def test_guidance_refuses_a_model_without_a_null_class(chain, tmp_path):
     config["sample"]["cfg_scale"] = 2.0
     with pytest.raises(ValueError, match="stage1.class_dropout"):
         run_sample(config, stage1, stage2, vq, tmp_path / "samples")
+
+
+def test_upper_bound_decodes_the_ground_truth_tokens_of_the_val_images(chain, tmp_path):
+    config, stage1, stage2, vq = chain
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(N):  # the val images whose tokens the chain's cache holds
+        path = tmp_path / "val" / f"{i:03d} image.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+        entries.append({"path": str(path), "label": i % CLASSES})
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"classes": [f"c{i}" for i in range(CLASSES)],
+                                    "splits": {"train": entries, "val": entries}}))
+    config["upper_bound"]["num_images"] = 12
+    run_upper_bound(config, manifest, tmp_path / "tokens", stage2, vq, tmp_path / "ub")
+    metrics = json.loads((tmp_path / "ub" / "metrics.json").read_text())
+    assert metrics["upper_bound_num_images"] == 12 and metrics["upper_bound_fid_calibrated"] is False
+    for name in ("upper_bound", "vq_recon"):
+        assert metrics[f"{name}_fid"] >= 0 and metrics[f"{name}_inception_score"] >= 1
+        assert 0 < metrics[f"{name}_psnr"] < 100
+    assert Image.open(tmp_path / "ub" / "grid.png").size == (2 + 3 * 10, 2 + 8 * 10)  # original, VQ, stage 2
+
+    manifest.write_text(json.dumps({"classes": [f"c{i}" for i in range(CLASSES)],
+                                    "splits": {"train": entries, "val": entries[:-1]}}))
+    with pytest.raises(ValueError, match=f"holds {N} val images"):
+        run_upper_bound(config, manifest, tmp_path / "tokens", stage2, vq, tmp_path / "ub2")
+    assert not (tmp_path / "ub2").exists()
+
+
+def test_upper_bound_spreads_its_images_over_the_split():
+    assert chosen_images(10, None).tolist() == list(range(10))
+    assert chosen_images(10, 50).tolist() == list(range(10))
+    assert chosen_images(100, 5).tolist() == [0, 25, 50, 74, 99]

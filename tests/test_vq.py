@@ -2,20 +2,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from safetensors.torch import load_file, save_file
 
 from digit.data import ImageDataset, load_manifest, to_float
 from digit.io import read_json, sha256_file
 from digit.vq import Quantizer, VQModel, codebook_usage, load_vq, run_tokenize_vq, run_train_vq
+from digit.vq_losses import PerceptualLoss
 
 
 def test_straight_through_gradient_reaches_the_encoder():
     torch.manual_seed(0)
-    model = VQModel(codebook_size=16, code_dim=4, channels=[8, 8, 8], beta=0.25)
+    model = VQModel("vqgan", codebook_size=16, code_dim=4, channels=8, channel_mult=[1, 1, 1], num_res_blocks=1, beta=0.25)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     recon, z, indices, vq_loss = model(x)
     assert recon.shape == x.shape and indices.shape == (2, 4, 4) and z.shape == (2, 4, 4, 4)
     F.l1_loss(recon, x).backward()  # reconstruction only: the encoder gets gradient through the quantizer
-    first_conv = model.encoder[0].weight.grad
+    first_conv = model.encoder.stem.weight.grad
     assert first_conv is not None and first_conv.abs().sum() > 0
     assert model.quantizer.codebook.weight.grad is None or model.quantizer.codebook.weight.grad.abs().sum() == 0
 
@@ -52,7 +55,8 @@ def test_train_save_load_and_token_cache(tiny_config, manifest, in_tmp):
     meta = read_json(in_tmp / "vq" / "model.json")
     assert meta["grid"] == [8, 8] and meta["codebook_size"] == 32 and meta["provenance"]["inputs"]["manifest"]
     log = (in_tmp / "vq" / "log.tsv").read_text().splitlines()
-    assert log[0].split("\t")[:6] == ["step", "loss", "recon", "commit", "usage", "perplexity"]
+    assert log[0].split("\t")[:9] == ["step", "loss", "recon", "commit", "perceptual", "generator",
+                                       "discriminator", "usage", "perplexity"]
     assert (in_tmp / "vq" / "recon.png").is_file()
 
     # The loaded model is the trained one: it reproduces the validation loss recorded at training time.
@@ -88,6 +92,51 @@ def test_training_is_deterministic(tiny_config, manifest, in_tmp):
 
 
 def test_image_size_must_fit_the_downsampling(tiny_config, manifest, in_tmp):
-    tiny_config["vq"]["channels"] = [8] * 7  # downsampling 64 > 32 px images
-    with pytest.raises(ValueError, match="vq.channels"):
+    tiny_config["vq"]["channel_mult"] = [1] * 7  # downsampling 64 > 32 px images
+    with pytest.raises(ValueError, match="vq.channel_mult"):
         run_train_vq(tiny_config, manifest, in_tmp / "vq")
+
+
+def vgg_features_file(path):
+    """torchvision VGG16 `features` weights (random), under torchvision's key names."""
+    torch.manual_seed(0)
+    features = torchvision.models.vgg16(weights=None).features
+    save_file({f"features.{k}": v.contiguous() for k, v in features.state_dict().items()}, path)
+    return str(path)
+
+
+def test_perceptual_loss_is_zero_only_for_identical_images(tmp_path):
+    loss = PerceptualLoss(vgg_features_file(tmp_path / "vgg16.safetensors"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(x.flip(-1), x).item() > 0
+
+
+def test_perceptual_weights_with_wrong_keys_are_named(tmp_path):
+    save_file({"features.0.weight": torch.zeros(64, 3, 3, 3), "head.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"vq.perceptual_weights_file.*missing keys \['features.0.bias'.*'head.weight'"):
+        PerceptualLoss(str(tmp_path / "bad.safetensors"))
+
+
+def test_perceptual_adversarial_and_ema_training(tiny_config, manifest, in_tmp):
+    tiny_config["vq"].update(arch="vqgan", perceptual_weight=1.0, perceptual_weights_file=vgg_features_file(in_tmp / "vgg.safetensors"),
+                             adversarial_weight=0.5, adversarial_start=2, ema_decay=0.9, steps=4)
+    run_train_vq(tiny_config, manifest, in_tmp / "vq")
+    final = read_json(in_tmp / "vq" / "model.json")["final"]
+    assert final["perceptual"] > 0 and final["discriminator"] > 0 and final["generator"] != 0
+    # the kept weights are the average, not the last step's
+    tiny_config["vq"]["ema_decay"] = 0.0
+    run_train_vq(tiny_config, manifest, in_tmp / "plain")
+    ema, plain = (load_file(in_tmp / d / "model.safetensors") for d in ("vq", "plain"))
+    assert not torch.equal(ema["decoder.proj.weight"], plain["decoder.proj.weight"])
+    assert torch.equal(ema["quantizer.codebook.weight"], plain["quantizer.codebook.weight"])
+
+
+def test_pixel_range_maps_digit_pixels_into_the_networks_range():
+    torch.manual_seed(0)
+    model = VQModel("vqgan", codebook_size=16, code_dim=4, channels=8, channel_mult=[1, 1], num_res_blocks=1, beta=0.25,
+                    pixel_range=(0, 1)).eval()
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    assert torch.equal(model.encode_indices(x), model.quantizer.lookup(model.encoder((x + 1) / 2)))
+    decoded = model.decoder(model.quantizer.embed(model.encode_indices(x)))
+    torch.testing.assert_close(model.decode_indices(model.encode_indices(x)), (decoded * 2 - 1).clamp(-1, 1))

@@ -9,7 +9,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = {"synthesize", "prepare", "features", "kmeans", "tokenize", "train_vq", "tokenize_vq",
-         "train_ar", "train_decoder", "probe", "sample", "train_classifier", "evaluate", "report"}
+         "train_ar", "train_decoder", "probe", "sample", "train_classifier", "evaluate", "upper_bound",
+         "report"}
 
 
 def snakemake(*args, cwd=REPO):

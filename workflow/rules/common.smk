@@ -44,6 +44,7 @@ STAGE_PARAMS = {
     "sample": ["device", "data.image_size", "sample"],
     "train_classifier": ["device", "seed", "data.image_size", "classifier"],
     "evaluate": ["device", "evaluate"],
+    "upper_bound": ["device", "seed", "data.image_size", "sample", "evaluate", "upper_bound"],
     "report": ["experiment"],
 }
 

@@ -1,4 +1,4 @@
-# Samples, their metrics against the val images, and the experiment's report.
+# Samples, their metrics against the val images, the upper bound, and the experiment's report.
 
 
 rule sample:
@@ -55,10 +55,32 @@ rule evaluate:
         )
 
 
+rule upper_bound:
+    input:
+        prepare=f"{R}/prepare",
+        tokens=f"{R}/tokens",
+        stage2=f"{R}/stage2",
+        vq=f"{R}/vq",
+    output:
+        directory(f"{R}/upper_bound"),
+    params:
+        config=stage_params("upper_bound"),
+    log:
+        f"{R}/logs/upper_bound.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        digit(
+            "upper-bound --manifest {input.prepare}/manifest.json --tokens {input.tokens} "
+            "--stage2 {input.stage2} --vq {input.vq} --out {output}"
+        )
+
+
 rule report:
     input:
         evaluate=f"{R}/evaluate",
         probe=f"{R}/probe",
+        upper_bound=f"{R}/upper_bound",
         stage1=f"{R}/stage1",
         stage2=f"{R}/stage2",
         vq=f"{R}/vq",
@@ -74,7 +96,8 @@ rule report:
         "../../environment.yml"
     shell:
         digit(
-            "report --evaluate {input.evaluate} --probe {input.probe} --stage1 {input.stage1} "
+            "report --evaluate {input.evaluate} --probe {input.probe} --upper-bound {input.upper_bound} "
+            "--stage1 {input.stage1} "
             "--stage2 {input.stage2} "
             "--vq {input.vq} --samples {input.samples} --out {params.out}"
         )

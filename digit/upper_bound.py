@@ -1,0 +1,102 @@
+"""The paper's upper-bound row: how good can pixels be when stage 1 is perfect?
+
+Val images -> their ground-truth discriminative tokens (the token cache) -> stage 2 -> VQ decoder,
+against the val images themselves: reconstruction FID, IS and PSNR. Beside it, the VQ tokenizer
+alone (encode, decode), which bounds stage 2 in turn.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid
+
+from digit.config import resolve_device
+from digit.data import ImageDataset, load_manifest, to_float, to_uint8
+from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.metrics import check_inception_weights, fidelity_metrics, inception_weights
+from digit.sample import decode_stage2, save_png
+from digit.tokens import check_cache_matches, load_token_cache
+from digit.train import load_stage
+from digit.vq import load_vq, peak_snr
+
+GRID_ROWS = 8  # images shown in grid.png: each as original, VQ reconstruction, stage-2 reconstruction
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """uint8 images [N, 3, H, W] as the dataset torch-fidelity reads."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def chosen_images(n_val: int, num_images: int | None) -> np.ndarray:
+    """Indices of the val images to use: all, or num_images spread evenly over the (class-sorted) split."""
+    if num_images is None or num_images >= n_val:
+        return np.arange(n_val)
+    return np.unique(np.linspace(0, n_val - 1, num_images).round().astype(int))
+
+
+@torch.no_grad()
+def run_upper_bound(config: dict, manifest_path: str | Path, tokens_dir: str | Path, stage2_dir: str | Path,
+                    vq_dir: str | Path, out_dir: str | Path) -> None:
+    """metrics.json with upper_bound_* (GT tokens -> stage 2 -> VQ decoder) and vq_recon_* (VQ alone)."""
+    check_inception_weights(config)
+    sc, device = config["sample"], resolve_device(config)
+    size, batch_size = config["data"]["image_size"], config["evaluate"]["batch_size"]
+    manifest = load_manifest(manifest_path)
+    stage2, meta2 = load_stage(stage2_dir, device)
+    sem_all, _, sem_meta = load_token_cache(tokens_dir, "val")
+    check_cache_matches(sem_meta, {"codebook_sha256": meta2["codebook_sha256"]}, f"token cache {tokens_dir}")
+    vq_weights = Path(vq_dir) / "model.safetensors"
+    if meta2["vq_sha256"] != sha256_file(vq_weights):
+        raise ValueError(f"{stage2_dir} was trained on the codes of another VQ model than {vq_dir} (vq_sha256)")
+    vq, vq_meta = load_vq(vq_dir, device), read_json(Path(vq_dir) / "model.json")
+    if vq_meta["image_size"] != size:
+        raise ValueError(f"{vq_dir} works at image size {vq_meta['image_size']}, config data.image_size is {size}")
+    dataset = ImageDataset(manifest, "val", size)
+    if len(dataset) != len(sem_all):
+        raise ValueError(f"{tokens_dir} holds {len(sem_all)} val images, {manifest_path} lists {len(dataset)}")
+    chosen = chosen_images(len(dataset), config["upper_bound"]["num_images"])
+
+    originals, vq_recon, stage2_recon = [], [], []
+    generator = torch.Generator(device).manual_seed(sc["seed"])
+    for batch in np.array_split(chosen, max(1, len(chosen) // sc["batch_size"])):
+        images = torch.stack([dataset[int(i)][0] for i in batch])
+        originals.append(images)
+        vq_recon.append(to_uint8(vq.decode_indices(vq.encode_indices(to_float(images).to(device)))).cpu())
+        sem = torch.from_numpy(sem_all[batch, 0].astype(np.int64)).to(device)  # view 0: the image as it is
+        codes = decode_stage2(stage2, sem, sc, meta2["sep_token"], generator, meta2["training"]["precision"])
+        stage2_recon.append(to_uint8(vq.decode_indices(codes.view(len(codes), *vq_meta["grid"]))).cpu())
+    originals, vq_recon, stage2_recon = torch.cat(originals), torch.cat(vq_recon), torch.cat(stage2_recon)
+
+    metrics = {"upper_bound_num_images": len(chosen)}
+    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
+        weights, calibrated = inception_weights(config, Path(scratch))
+        for name, recon in (("upper_bound", stage2_recon), ("vq_recon", vq_recon)):
+            # the reference's Inception statistics are computed once and reused for the second set
+            scores = fidelity_metrics(TensorImages(recon), TensorImages(originals), weights, batch_size,
+                                      device.type == "cuda", config["seed"], scratch, reference_name="val")
+            metrics |= {f"{name}_fid": scores["fid"], f"{name}_inception_score": scores["inception_score"],
+                        f"{name}_psnr": peak_snr(recon, originals).mean().item()}
+        metrics |= {"upper_bound_fid_calibrated": calibrated}
+        write_json(tmp / "metrics.json", metrics)
+        rows = torch.from_numpy(chosen_images(len(chosen), GRID_ROWS))  # spread over the classes
+        shown = torch.stack([originals[rows], vq_recon[rows], stage2_recon[rows]], 1)
+        save_png(make_grid(shown.flatten(0, 1), nrow=3, padding=2), tmp / "grid.png")
+        write_json(tmp / "provenance.json", provenance(
+            {"seed": config["seed"], "sample": sc, "evaluate": config["evaluate"],
+             "upper_bound": config["upper_bound"]},
+            {"manifest": manifest_path, "tokens": Path(tokens_dir) / "meta.json",
+             "stage2": Path(stage2_dir) / "model.safetensors", "vq": vq_weights}))
+    print(f"upper-bound: FID {metrics['upper_bound_fid']:.3f}, PSNR {metrics['upper_bound_psnr']:.2f} dB "
+          f"(VQ alone: FID {metrics['vq_recon_fid']:.3f}, PSNR {metrics['vq_recon_psnr']:.2f} dB) "
+          f"on {len(chosen)} val images")
