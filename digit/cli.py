@@ -2,6 +2,7 @@
 
 Every Snakemake rule and DVC stage calls one of these. Each reads the experiment config,
 validates it (a bad key stops here, before any work), and runs one library function.
+Besides the stages, `check-config` validates a config and `compare` tabulates finished experiments.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import importlib
 import sys
 import time
 
+from digit.compare import FORMATS, compare_table
 from digit.config import ConfigError, load_config
 
 # subcommand -> (library function, help, [(flag, help)]) ; flags map to the function's path arguments.
@@ -36,9 +38,12 @@ STAGES = {
     "train-decoder": ("digit.train:run_train_decoder", "train the stage-2 decoder (sem -> VQ tokens)",
                       [("--tokens", "discriminative token cache"), ("--vq-tokens", "VQ token cache"),
                        ("--out", "output directory")]),
-    "sample": ("digit.sample:run_sample", "stage 1 -> stage 2 -> VQ decoder: PNG samples and a grid",
-               [("--stage1", "directory from train-ar"), ("--stage2", "directory from train-decoder"),
-                ("--vq", "directory from train-vq"), ("--out", "output directory")]),
+    "sample-shard": ("digit.sample:run_sample_shard", "stage 1 -> stage 2 -> VQ decoder: one shard of the samples",
+                     [("--stage1", "directory from train-ar"), ("--stage2", "directory from train-decoder"),
+                      ("--vq", "directory from train-vq"), ("--shard", "shard index, 0 .. sample.shards - 1"),
+                      ("--out", "output directory")]),
+    "sample": ("digit.sample:run_sample", "merge the sample shards: PNG samples, their tokens and a grid",
+               [("--shards", "directory holding the shards 0 .. sample.shards - 1"), ("--out", "output directory")]),
     "upper-bound": ("digit.upper_bound:run_upper_bound",
                     "ground-truth val tokens -> stage 2 -> VQ decoder, and the VQ alone: FID, IS, PSNR",
                     [("--manifest", "manifest.json from prepare"), ("--tokens", "discriminative token cache"),
@@ -66,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", required=True, help="experiment config YAML")
+    compare_help = "one table of the settings that differ between experiments and their metrics"
+    compare = sub.add_parser("compare", help=compare_help, description=compare_help)
+    compare.add_argument("--configs", required=True, nargs="+", help="experiment config YAMLs, one row each")
+    compare.add_argument("--published", action="store_true", help="append the DiGIT paper's ImageNet results")
+    compare.add_argument("--format", choices=FORMATS, default="text", help="table format (default: text)")
     for name, (_, help_text, flags) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", required=True, help="experiment config YAML")
@@ -76,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage == "compare":
+        return print_comparison(args)
     try:
         config = load_config(args.config)
     except ConfigError as e:
@@ -95,6 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"digit {args.stage}: error: {e}", file=sys.stderr)
         return 1
     print(f"digit {args.stage}: done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def print_comparison(args: argparse.Namespace) -> int:
+    try:
+        print(compare_table(args.configs, args.published, args.format))
+    except ConfigError as e:
+        print(f"digit: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"digit compare: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
