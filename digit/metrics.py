@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from digit.config import resolve_device
 from digit.data import ImageDataset, load_image, load_manifest, preprocess, random_batches, to_float
-from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.io import atomic_dir, provenance, read_json, sha256_file, sha256_json, write_json
 
 WIDTHS = (16, 32, 64, 128)
 LOG_EVERY = 10
@@ -159,30 +159,88 @@ def inception_weights(config: dict, scratch: Path) -> tuple[Path, bool]:
     return generated, False
 
 
+FEATURE_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's port of the TF Inception of FID; also for P/R, as ADM
+
+
 def fidelity_metrics(samples: str | Path | torch.utils.data.Dataset, reference: torch.utils.data.Dataset,
                      weights: str | Path, batch_size: int, cuda: bool, seed: int, cache_root: str | Path,
                      reference_name: str | None = None) -> dict:
-    """FID, IS and KID of samples (a folder of PNGs or a dataset of uint8 images) against a reference
-    dataset of uint8 images; no downloads. With `reference_name`, the reference's features are cached
-    under that name in `cache_root` and reused by the next call that names it."""
+    """FID, IS, KID, precision and recall of samples (a folder of PNGs or a dataset of uint8 images)
+    against a reference dataset of uint8 images; no downloads. With `reference_name`, torch-fidelity
+    caches the reference's features under that name in `cache_root` and the next call naming it
+    reuses them: the name must identify the images and the weights (see `reference_cache_name`)."""
     n_samples = len(samples) if isinstance(samples, torch.utils.data.Dataset) else len(list(Path(samples).glob("*.png")))
     raw = torch_fidelity.calculate_metrics(
         input1=samples if isinstance(samples, torch.utils.data.Dataset) else str(samples), input2=reference,
         cuda=cuda, batch_size=batch_size,
-        fid=True, isc=True, kid=True, isc_splits=min(10, n_samples),
+        fid=True, isc=True, kid=True, prc=True, isc_splits=min(10, n_samples),
         kid_subset_size=min(1000, n_samples, len(reference)),
+        prc_neighborhood=min(3, n_samples - 1, len(reference) - 1),
+        feature_extractor=FEATURE_EXTRACTOR, feature_layer_prc="2048",
         feature_extractor_weights_path=str(weights), rng_seed=seed,
         cache=reference_name is not None, input2_cache_name=reference_name,
         cache_root=str(cache_root), datasets_download=False, verbose=False,
         save_cpu_ram=not cuda)  # image-decoding workers only pay off when a GPU runs the Inception
     return {"fid": raw["frechet_inception_distance"],
             "inception_score": raw["inception_score_mean"], "inception_score_std": raw["inception_score_std"],
-            "kid": raw["kernel_inception_distance_mean"], "kid_std": raw["kernel_inception_distance_std"]}
+            "kid": raw["kernel_inception_distance_mean"], "kid_std": raw["kernel_inception_distance_std"],
+            "precision": raw["precision"], "recall": raw["recall"]}
+
+
+class NpzImages(torch.utils.data.Dataset):
+    """The images of an ADM-style reference batch (`arr_0`: uint8 [N, H, W, 3]) as [3, H, W] tensors."""
+
+    def __init__(self, path: str | Path, size: int):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config key 'evaluate.reference': no such file {path}")
+        with np.load(path) as npz:
+            if "arr_0" not in npz.files:
+                raise ValueError(f"{path} (evaluate.reference) has no 'arr_0' image array; keys {npz.files}")
+            images = npz["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise ValueError(f"{path} (evaluate.reference): arr_0 must be uint8 [N, H, W, 3], "
+                             f"got {images.dtype} {list(images.shape)}")
+        if images.shape[1:3] != (size, size):
+            raise ValueError(f"{path} (evaluate.reference) holds {images.shape[1]}x{images.shape[2]} images, "
+                             f"the samples are {size}x{size} (data.image_size)")
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[index]).permute(2, 0, 1)
+
+
+def val_reference_record(entries: list[dict], size: int) -> dict:
+    """What makes a reference of val images: their files' contents and the preprocessing (data.preprocess)."""
+    key = sha256_json({"images": [e["sha256"] for e in entries], "size": size,
+                       "preprocess": "resize shorter side (bicubic, antialias) + center crop"})
+    return {"reference": "val", "reference_images": len(entries), "reference_sha256": key}
+
+
+def reference_images(config: dict, manifest: dict) -> tuple[torch.utils.data.Dataset, dict]:
+    """The reference images of evaluate.reference and a record that identifies them: `val` (the val
+    split, prepared like the data) or an ADM reference batch .npz file."""
+    size, reference = config["data"]["image_size"], config["evaluate"]["reference"]
+    if reference == "val":
+        dataset = ImageDataset(manifest, "val", size)
+        return ImagesOnly(dataset), val_reference_record(dataset.entries, size)
+    images = NpzImages(reference, size)
+    return images, {"reference": str(reference), "reference_images": len(images),
+                    "reference_sha256": sha256_file(reference)}
+
+
+def reference_cache_name(record: dict, weights_sha256: str) -> str:
+    """torch-fidelity cache entry of a reference: a new reference or new weights never meet old statistics."""
+    return f"digit-{record['reference_sha256'][:24]}-{weights_sha256[:16]}"
 
 
 def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Path,
                  classifier_dir: str | Path, out_dir: str | Path) -> None:
-    """metrics.json: FID/IS/KID against the val images, and CAS of the samples."""
+    """metrics.json: FID/IS/KID/precision/recall against the reference, CAS of the samples, and what
+    the numbers were measured with (reference, feature extractor, its weights)."""
     check_inception_weights(config)
     device = resolve_device(config)
     size, batch_size = config["data"]["image_size"], config["evaluate"]["batch_size"]
@@ -191,20 +249,27 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
     classifier, classifier_meta = load_classifier(classifier_dir, device)
     if classifier_meta["classes"] != manifest["classes"]:
         raise ValueError(f"{classifier_dir} was trained on other classes than {manifest_path} lists")
+    reference, record = reference_images(config, manifest)
 
+    # CAS first: it decodes every sample through load_image, which names a file it cannot read
+    cas = accuracy(classifier, samples, batch_size, device)
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
         weights, calibrated = inception_weights(config, Path(scratch))
-        reference = ImagesOnly(ImageDataset(manifest, "val", size))
+        weights_sha256 = sha256_file(weights)
+        cache_name = reference_cache_name(record, weights_sha256)
+        cached = any(Path(config["evaluate"]["cache_dir"]).glob(f"{cache_name}-*"))
         metrics = fidelity_metrics(Path(samples_dir) / "images", reference, weights, batch_size,
-                                   device.type == "cuda", config["seed"], scratch)
+                                   device.type == "cuda", config["seed"], config["evaluate"]["cache_dir"],
+                                   reference_name=cache_name)
         metrics |= {
-            "cas": accuracy(classifier, samples, batch_size, device),
+            "cas": cas,
             "chance": 1 / len(manifest["classes"]),
             "classifier_val_accuracy": classifier_meta["val_accuracy"],
-            "num_samples": len(samples), "num_reference": len(reference),
+            "num_samples": len(samples), **record, "reference_statistics": "cached" if cached else "computed",
+            "feature_extractor": f"torch-fidelity {FEATURE_EXTRACTOR}",
             "fid_calibrated": calibrated,
             "inception_weights": str(weights) if calibrated else "generated",
-            "inception_weights_sha256": sha256_file(weights),
+            "inception_weights_sha256": weights_sha256,
         }
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "provenance.json", provenance(
@@ -212,4 +277,5 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
             {"manifest": manifest_path, "samples": Path(samples_dir) / "samples.npz",
              "classifier": Path(classifier_dir) / "model.safetensors"}))
     print(f"evaluate: FID {metrics['fid']:.3f}, IS {metrics['inception_score']:.3f}, "
+          f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}, "
           f"CAS {metrics['cas']:.3f} (chance {metrics['chance']:.3f})")

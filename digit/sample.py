@@ -1,7 +1,12 @@
 """Generation: class -> discriminative tokens (stage 1) -> VQ tokens (stage 2, AR or MaskGIT) -> pixels
-(VQ decoder)."""
+(VQ decoder), in shards that run as independent jobs and are merged into one sample set.
+
+The samples are drawn in blocks of sample.batch_size, each from a generator seeded by the run's
+seed and the block's first index: the set is the same however many shards it is split into.
+"""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +70,28 @@ def generate_tokens(stage1: GPT, stage2: GPT, conditions: torch.Tensor, sc: dict
     return sem, decode_stage2(stage2, sem, sc, sep, generator, precisions[1])
 
 
-def run_sample(config: dict, stage1_dir: str | Path, stage2_dir: str | Path, vq_dir: str | Path,
-               out_dir: str | Path) -> None:
-    """sample.per_class images of every class, in class order: images/<index>.png, samples.npz, grid.png."""
-    sc, device = config["sample"], resolve_device(config)
+def shard_indices(num_samples: int, batch_size: int, shards: int, shard: int) -> list[torch.Tensor]:
+    """The sample indices of one shard, as its blocks of sample.batch_size. Each block is drawn from a
+    generator of its own (`block_generator`), so the samples do not depend on how they are sharded."""
+    blocks = torch.arange(num_samples).split(batch_size)
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} does not exist: sample.shards is {shards}")
+    if shards > len(blocks):
+        raise ValueError(f"sample.shards {shards} exceeds the {len(blocks)} blocks of sample.batch_size {batch_size}")
+    bounds = np.linspace(0, len(blocks), shards + 1).round().astype(int)
+    return list(blocks[bounds[shard]:bounds[shard + 1]])
+
+
+def block_generator(seed: int, first_index: int, device) -> torch.Generator:
+    """The random stream of the block of samples that starts at `first_index`."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0]))
+
+
+def run_sample_shard(config: dict, stage1_dir: str | Path, stage2_dir: str | Path, vq_dir: str | Path,
+                     shard: str | int, out_dir: str | Path) -> None:
+    """Shard `shard` of sample.shards: its share of the sample.per_class images of every class, in
+    class order, as images/<index>.png and shard.npz (indices, tokens, labels)."""
+    sc, device, shard = config["sample"], resolve_device(config), int(shard)
     stage1, meta1 = load_stage(stage1_dir, device)
     stage2, meta2 = load_stage(stage2_dir, device)
     vq_weights = Path(vq_dir) / "model.safetensors"
@@ -79,37 +102,73 @@ def run_sample(config: dict, stage1_dir: str | Path, stage2_dir: str | Path, vq_
                          f"(stage1.class_conditional: true and stage1.class_dropout > 0); {stage1_dir} has none")
     vq = load_vq(vq_dir, device)
 
-    num_classes = meta1["num_classes"]
-    labels = torch.arange(num_classes).repeat_interleave(sc["per_class"])
+    labels = torch.arange(meta1["num_classes"]).repeat_interleave(sc["per_class"])
     # an unconditional stage 1 has one start token: every sample gets it, and no class
     conditions = labels if meta1["class_conditional"] else torch.zeros_like(labels)
     precisions = (meta1["training"]["precision"], meta2["training"]["precision"])
-    generator = torch.Generator(device).manual_seed(sc["seed"])
-    # the grid: one row per class, its first GRID_COLUMNS samples
-    columns = min(GRID_COLUMNS, sc["per_class"])
-    in_grid = torch.arange(len(labels)) % sc["per_class"] < columns
-    sems, vqs, grid = [], [], []
+    blocks = shard_indices(len(labels), sc["batch_size"], sc["shards"], shard)
+    sems, vqs = [], []
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
-        for offsets in torch.arange(len(labels)).split(sc["batch_size"]):
-            sem, codes = generate_tokens(stage1, stage2, conditions[offsets].to(device), sc,
+        for indices in blocks:
+            generator = block_generator(sc["seed"], int(indices[0]), device)
+            sem, codes = generate_tokens(stage1, stage2, conditions[indices].to(device), sc,
                                          meta1["null_class"], meta2["sep_token"], generator, precisions)
             images = to_uint8(vq.decode_indices(codes.view(len(codes), *vq_meta["grid"]))).cpu()
-            for i, image in zip(offsets.tolist(), images):
+            for i, image in zip(indices.tolist(), images):
                 save_png(image, tmp / "images" / f"{i:06d}.png")
-            grid.append(images[in_grid[offsets]])
             sems.append(sem.cpu())
             vqs.append(codes.cpu())
-        saved_labels = labels.numpy() if meta1["class_conditional"] else np.full(len(labels), -1)
-        np.savez(tmp / "samples.npz", sem=torch.cat(sems).numpy().astype(np.uint16),
-                 vq=torch.cat(vqs).numpy().astype(np.uint16), labels=saved_labels)
-        save_png(make_grid(torch.cat(grid), nrow=columns, padding=2), tmp / "grid.png")
+        indices = torch.cat(blocks)
+        np.savez(tmp / "shard.npz", indices=indices.numpy(), sem=torch.cat(sems).numpy().astype(np.uint16),
+                 vq=torch.cat(vqs).numpy().astype(np.uint16),
+                 labels=labels[indices].numpy() if meta1["class_conditional"] else np.full(len(indices), -1))
         write_json(tmp / "meta.json", {
-            "num_samples": len(labels), "per_class": sc["per_class"], "num_classes": num_classes,
-            "classes": meta1["classes"], "class_conditional": meta1["class_conditional"],
-            "image_size": config["data"]["image_size"],
+            "shard": shard, "shards": sc["shards"], "num_samples": len(labels), "per_class": sc["per_class"],
+            "num_classes": meta1["num_classes"], "classes": meta1["classes"],
+            "class_conditional": meta1["class_conditional"], "image_size": config["data"]["image_size"],
             "provenance": provenance({"device": config["device"], "sample": sc},
                                      {"stage1": Path(stage1_dir) / "model.safetensors",
                                       "stage2": Path(stage2_dir) / "model.safetensors", "vq": vq_weights}),
         })
-    print(f"sample: {len(labels)} images in {out_dir}")
+    print(f"sample-shard {shard}/{sc['shards']}: {len(indices)} images in {out_dir}")
+
+
+def run_sample(config: dict, shards_dir: str | Path, out_dir: str | Path) -> None:
+    """Merge the shards <shards_dir>/<i> into one sample set: images/<index>.png, samples.npz, grid.png
+    and meta.json, after checking that the shards come from one run and cover every index once."""
+    sc, shards_dir = config["sample"], Path(shards_dir)
+    metas = []
+    for shard in range(sc["shards"]):
+        if not (shards_dir / str(shard) / "meta.json").is_file():
+            raise FileNotFoundError(f"sample shard {shards_dir / str(shard)} is missing or unfinished")
+        metas.append(read_json(shards_dir / str(shard) / "meta.json"))
+    same = {k: metas[0][k] for k in ("shards", "num_samples", "classes", "class_conditional", "image_size")}
+    settings = {"device": config["device"], "sample": sc}
+    for meta in metas:
+        if ({k: meta[k] for k in same} != same or meta["provenance"]["inputs"] != metas[0]["provenance"]["inputs"]
+                or meta["provenance"]["config"] != settings):
+            raise ValueError(f"sample shard {meta['shard']} in {shards_dir} was made by another run than shard 0 or "
+                             "than this config's sample settings (other models or settings); re-run the sample shards")
+    shards = [np.load(shards_dir / str(i) / "shard.npz") for i in range(sc["shards"])]
+    indices = np.concatenate([s["indices"] for s in shards])
+    if sorted(indices.tolist()) != list(range(same["num_samples"])):
+        raise ValueError(f"the shards in {shards_dir} do not cover the {same['num_samples']} samples once each")
+    order = np.argsort(indices)
+    per_class, columns = metas[0]["per_class"], min(GRID_COLUMNS, metas[0]["per_class"])
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "images").mkdir()
+        for shard in range(sc["shards"]):
+            for png in sorted((shards_dir / str(shard) / "images").glob("*.png")):
+                shutil.copyfile(png, tmp / "images" / png.name)
+        np.savez(tmp / "samples.npz", **{key: np.concatenate([s[key] for s in shards])[order]
+                                         for key in ("sem", "vq", "labels")})
+        # the grid: one row per class, its first GRID_COLUMNS samples
+        shown = [i for i in range(same["num_samples"]) if i % per_class < columns]
+        grid = torch.stack([torch.from_numpy(np.array(Image.open(tmp / "images" / f"{i:06d}.png"))).permute(2, 0, 1)
+                            for i in shown])
+        save_png(make_grid(grid, nrow=columns, padding=2), tmp / "grid.png")
+        record = metas[0]["provenance"]  # the models and settings every shard was checked to share
+        record["inputs"] |= {f"shard_{i}": sha256_file(shards_dir / str(i) / "shard.npz") for i in range(sc["shards"])}
+        write_json(tmp / "meta.json", {**{k: v for k, v in metas[0].items() if k != "shard"}, "provenance": record})
+    print(f"sample: {same['num_samples']} images from {sc['shards']} shards in {out_dir}")

@@ -16,7 +16,8 @@ from torchvision.utils import make_grid
 from digit.config import resolve_device
 from digit.data import ImageDataset, load_manifest, to_float, to_uint8
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
-from digit.metrics import check_inception_weights, fidelity_metrics, inception_weights
+from digit.metrics import (check_inception_weights, fidelity_metrics, inception_weights, reference_cache_name,
+                           val_reference_record)
 from digit.sample import decode_stage2, save_png
 from digit.tokens import check_cache_matches, load_token_cache
 from digit.train import load_stage
@@ -81,10 +82,13 @@ def run_upper_bound(config: dict, manifest_path: str | Path, tokens_dir: str | P
     metrics = {"upper_bound_num_images": len(chosen)}
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
         weights, calibrated = inception_weights(config, Path(scratch))
+        # the originals' Inception statistics: computed once, for both sets and for later runs
+        reference_name = reference_cache_name(val_reference_record([dataset.entries[i] for i in chosen], size),
+                                              sha256_file(weights))
         for name, recon in (("upper_bound", stage2_recon), ("vq_recon", vq_recon)):
-            # the reference's Inception statistics are computed once and reused for the second set
             scores = fidelity_metrics(TensorImages(recon), TensorImages(originals), weights, batch_size,
-                                      device.type == "cuda", config["seed"], scratch, reference_name="val")
+                                      device.type == "cuda", config["seed"], config["evaluate"]["cache_dir"],
+                                      reference_name=reference_name)
             metrics |= {f"{name}_fid": scores["fid"], f"{name}_inception_score": scores["inception_score"],
                         f"{name}_psnr": peak_snr(recon, originals).mean().item()}
         metrics |= {"upper_bound_fid_calibrated": calibrated}

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from digit.data import ImageDataset, load_manifest
 from digit.io import read_json, sha256_file
 from digit.metrics import (ImagesOnly, SampleDataset, fidelity_metrics, generate_inception_weights,
-                           run_evaluate, run_train_classifier)
+                           reference_images, run_evaluate, run_train_classifier)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def test_fid_is_zero_against_itself_and_positive_against_other_images(tiny_confi
     other = fidelity_metrics(in_tmp / "noise" / "images", val, inception_weights, 8, False, 0, in_tmp / "cache")
     assert abs(same["fid"]) < 1e-3 * other["fid"] and other["fid"] > 0
     assert other["kid"] > same["kid"] and same["inception_score"] >= 1.0
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
     assert not (in_tmp / "cache").exists() or not any((in_tmp / "cache").iterdir())
 
 
@@ -60,6 +63,9 @@ def test_evaluate_cas_and_metrics_file(tiny_config, manifest, in_tmp):
     assert metrics["cas"] == pytest.approx(classifier["val_accuracy"])
     assert metrics["chance"] == pytest.approx(1 / 3) and metrics["num_samples"] == 12
     assert metrics["fid_calibrated"] is False and metrics["inception_weights"] == "generated"
+    assert metrics["reference"] == "val" and metrics["reference_images"] == 12
+    assert metrics["feature_extractor"] == "torch-fidelity inception-v3-compat"
+    assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
     (in_tmp / "again").mkdir()
     generate_inception_weights(in_tmp / "again" / "inception-generated.pth", tiny_config["seed"])
     assert metrics["inception_weights_sha256"] == sha256_file(in_tmp / "again" / "inception-generated.pth")
@@ -79,3 +85,62 @@ def test_samples_must_match_their_labels(in_tmp):
     write_samples(in_tmp / "samples", [torch.zeros(3, 32, 32, dtype=torch.uint8)] * 3, [0, 1])
     with pytest.raises(ValueError, match="3 images but 2 labels"):
         SampleDataset(in_tmp / "samples", 32)
+
+
+def test_reference_statistics_are_cached_once_and_keyed_by_the_reference(tiny_config, manifest, in_tmp,
+                                                                          inception_weights):
+    """Two experiments on the same val images share the reference's features; other images never do."""
+    tiny_config["evaluate"]["inception_weights"] = str(inception_weights)
+    run_train_classifier(tiny_config, manifest, in_tmp / "classifier")
+    val = ImageDataset(load_manifest(manifest), "val", 32)
+    write_samples(in_tmp / "samples", [val[i][0].flip(-1) for i in range(len(val))], val.labels())
+    cache = in_tmp / tiny_config["evaluate"]["cache_dir"]
+
+    run_evaluate(tiny_config, in_tmp / "samples", manifest, in_tmp / "classifier", in_tmp / "first")
+    first = read_json(in_tmp / "first" / "metrics.json")
+    assert first["reference_statistics"] == "computed"
+    cached = sorted(cache.glob("*.pt"))
+    assert cached and all(first["reference_sha256"][:24] in p.name for p in cached)
+
+    # The second experiment reads the cache: doctored cached features change its FID.
+    for path in cached:
+        item = torch.load(path, weights_only=False)
+        scaled = {k: v * 0.5 for k, v in item.items()} if isinstance(item, dict) else item * 0.5
+        torch.save(scaled, path)
+    run_evaluate(tiny_config, in_tmp / "samples", manifest, in_tmp / "classifier", in_tmp / "second")
+    assert sorted(cache.glob("*.pt")) == cached
+    second = read_json(in_tmp / "second" / "metrics.json")
+    assert second["fid"] != pytest.approx(first["fid"]) and second["reference_statistics"] == "cached"
+
+    # A reference with one image changed gets its own entry and its own statistics.
+    changed = read_json(manifest)
+    changed["splits"]["val"][0]["sha256"] = "0" * 64
+    (in_tmp / "changed.json").write_text(json.dumps(changed))
+    run_evaluate(tiny_config, in_tmp / "samples", in_tmp / "changed.json", in_tmp / "classifier", in_tmp / "third")
+    third = read_json(in_tmp / "third" / "metrics.json")
+    assert third["reference_sha256"] != first["reference_sha256"] and third["fid"] == pytest.approx(first["fid"])
+    assert len(list(cache.glob("*.pt"))) == 2 * len(cached)
+
+
+def test_an_adm_reference_batch(tiny_config, manifest, in_tmp, inception_weights):
+    val = ImageDataset(load_manifest(manifest), "val", 32)
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    np.savez(in_tmp / "ref.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+    tiny_config["evaluate"].update(reference=str(in_tmp / "ref.npz"), inception_weights=str(inception_weights))
+    reference, record = reference_images(tiny_config, load_manifest(manifest))
+    assert len(reference) == 12 and torch.equal(reference[3], images[3])
+    assert record == {"reference": str(in_tmp / "ref.npz"), "reference_images": 12,
+                      "reference_sha256": sha256_file(in_tmp / "ref.npz")}
+    np.savez(in_tmp / "big.npz", arr_0=np.zeros((2, 64, 64, 3), np.uint8))
+    tiny_config["evaluate"]["reference"] = str(in_tmp / "big.npz")
+    with pytest.raises(ValueError, match="64x64 images, the samples are 32x32"):
+        reference_images(tiny_config, load_manifest(manifest))
+
+
+def test_a_corrupt_sample_is_named(tiny_config, manifest, in_tmp):
+    run_train_classifier(tiny_config, manifest, in_tmp / "classifier")
+    write_samples(in_tmp / "samples", [torch.zeros(3, 32, 32, dtype=torch.uint8)] * 3, [0, 1, 2])
+    (in_tmp / "samples" / "images" / "000001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ValueError, match="cannot read image .*000001.png"):
+        run_evaluate(tiny_config, in_tmp / "samples", manifest, in_tmp / "classifier", in_tmp / "evaluate")
+    assert not (in_tmp / "evaluate").exists()

@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from digit.io import sha256_file
-from digit.sample import run_sample
+from digit.sample import run_sample, run_sample_shard, shard_indices
 from digit.upper_bound import chosen_images, run_upper_bound
 from digit.train import run_train_ar, run_train_decoder
 from digit.vq import build_vq
@@ -17,6 +17,14 @@ from test_train import CLASSES, K, K_VQ, N, sem_tokens, write_cache
 # a random 8 px VQ model with a 4x4 grid of K_VQ codes
 VQ_ARCH = {"arch": "compact", "codebook_size": K_VQ, "code_dim": 4, "channels": 8, "channel_mult": [1, 1],
            "num_res_blocks": 1, "beta": 0.25, "pixel_range": [-1, 1]}
+
+
+def sample(config, stage1, stage2, vq, out):
+    """All of config's sample shards, then their merge, into `out` (shards under out.shards/)."""
+    shards = out.with_name(out.name + ".shards")
+    for shard in range(config["sample"]["shards"]):
+        run_sample_shard(config, stage1, stage2, vq, shard, shards / str(shard))
+    run_sample(config, shards, out)
 
 
 @pytest.fixture(params=["ar", "nar"])
@@ -44,8 +52,8 @@ def chain(request, tiny_config, tmp_path):
 
 def test_sampling_writes_every_class_and_is_deterministic(chain, tmp_path):
     config, stage1, stage2, vq = chain
-    run_sample(config, stage1, stage2, vq, tmp_path / "a")
-    run_sample(config, stage1, stage2, vq, tmp_path / "b")
+    sample(config, stage1, stage2, vq, tmp_path / "a")
+    sample(config, stage1, stage2, vq, tmp_path / "b")
     per_class = config["sample"]["per_class"]
     images = sorted((tmp_path / "a" / "images").glob("*.png"))
     assert [p.name for p in images] == [f"{i:06d}.png" for i in range(CLASSES * per_class)]
@@ -65,9 +73,9 @@ def test_sampling_writes_every_class_and_is_deterministic(chain, tmp_path):
 
 def test_another_seed_gives_other_samples(chain, tmp_path):
     config, stage1, stage2, vq = chain
-    run_sample(config, stage1, stage2, vq, tmp_path / "a")
+    sample(config, stage1, stage2, vq, tmp_path / "a")
     config["sample"]["seed"] = 1
-    run_sample(config, stage1, stage2, vq, tmp_path / "b")
+    sample(config, stage1, stage2, vq, tmp_path / "b")
     assert not np.array_equal(np.load(tmp_path / "a" / "samples.npz")["sem"],
                               np.load(tmp_path / "b" / "samples.npz")["sem"])
 
@@ -77,16 +85,16 @@ def test_refuses_a_vq_model_that_stage2_was_not_trained_for(chain, tmp_path):
     torch.manual_seed(1)  # other random weights
     save_file(build_vq(VQ_ARCH).state_dict(), vq / "model.safetensors")
     with pytest.raises(ValueError, match="vq_sha256"):
-        run_sample(config, stage1, stage2, vq, tmp_path / "samples")
+        sample(config, stage1, stage2, vq, tmp_path / "samples")
     assert not (tmp_path / "samples").exists()
 
 
 def test_guidance_changes_the_samples_deterministically(chain, tmp_path):
     config, stage1, stage2, vq = chain
-    run_sample(config, stage1, stage2, vq, tmp_path / "plain")
+    sample(config, stage1, stage2, vq, tmp_path / "plain")
     config["sample"]["cfg_scale"] = 4.0
-    run_sample(config, stage1, stage2, vq, tmp_path / "a")
-    run_sample(config, stage1, stage2, vq, tmp_path / "b")
+    sample(config, stage1, stage2, vq, tmp_path / "a")
+    sample(config, stage1, stage2, vq, tmp_path / "b")
     plain, a, b = (np.load(tmp_path / d / "samples.npz")["sem"] for d in ("plain", "a", "b"))
     assert np.array_equal(a, b) and not np.array_equal(a, plain)
 
@@ -97,7 +105,7 @@ def test_guidance_refuses_a_model_without_a_null_class(chain, tmp_path):
     (stage1 / "model.json").write_text(json.dumps({**meta, "null_class": None}))
     config["sample"]["cfg_scale"] = 2.0
     with pytest.raises(ValueError, match="stage1.class_dropout"):
-        run_sample(config, stage1, stage2, vq, tmp_path / "samples")
+        sample(config, stage1, stage2, vq, tmp_path / "samples")
 
 
 def test_upper_bound_decodes_the_ground_truth_tokens_of_the_val_images(chain, tmp_path):
@@ -108,7 +116,7 @@ def test_upper_bound_decodes_the_ground_truth_tokens_of_the_val_images(chain, tm
         path = tmp_path / "val" / f"{i:03d} image.png"
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
-        entries.append({"path": str(path), "label": i % CLASSES})
+        entries.append({"path": str(path), "label": i % CLASSES, "sha256": sha256_file(path)})
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"classes": [f"c{i}" for i in range(CLASSES)],
                                     "splits": {"train": entries, "val": entries}}))
@@ -126,6 +134,75 @@ def test_upper_bound_decodes_the_ground_truth_tokens_of_the_val_images(chain, tm
     with pytest.raises(ValueError, match=f"holds {N} val images"):
         run_upper_bound(config, manifest, tmp_path / "tokens", stage2, vq, tmp_path / "ub2")
     assert not (tmp_path / "ub2").exists()
+
+
+def test_the_samples_do_not_depend_on_the_sharding(chain, tmp_path):
+    config, stage1, stage2, vq = chain
+    config["sample"].update(batch_size=1, shards=1)  # 6 samples: 6 blocks
+    sample(config, stage1, stage2, vq, tmp_path / "one")
+    config["sample"]["shards"] = 4
+    sample(config, stage1, stage2, vq, tmp_path / "four")
+    assert len(list((tmp_path / "four.shards").iterdir())) == 4
+    one, four = (np.load(tmp_path / d / "samples.npz") for d in ("one", "four"))
+    for key in ("sem", "vq", "labels"):
+        assert np.array_equal(one[key], four[key]), key
+    for png in sorted((tmp_path / "one" / "images").glob("*.png")):
+        assert png.read_bytes() == (tmp_path / "four" / "images" / png.name).read_bytes()
+    assert (tmp_path / "one" / "grid.png").read_bytes() == (tmp_path / "four" / "grid.png").read_bytes()
+
+
+def test_a_killed_shard_redoes_only_itself(chain, tmp_path, monkeypatch):
+    config, stage1, stage2, vq = chain
+    config["sample"].update(batch_size=2, shards=3)
+    sample(config, stage1, stage2, vq, tmp_path / "whole")
+    shards = tmp_path / "run.shards"
+    for shard in (0, 2):
+        run_sample_shard(config, stage1, stage2, vq, shard, shards / str(shard))
+    done = {shard: (shards / str(shard) / "shard.npz").stat().st_mtime_ns for shard in (0, 2)}
+
+    import digit.sample
+    real_save, saved = digit.sample.save_png, []
+
+    def dies_after_one(image, path):  # the job is killed while writing its second image
+        if len(saved) == 1:
+            raise KeyboardInterrupt
+        saved.append(path)
+        real_save(image, path)
+
+    monkeypatch.setattr(digit.sample, "save_png", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_sample_shard(config, stage1, stage2, vq, 1, shards / "1")
+    monkeypatch.setattr(digit.sample, "save_png", real_save)
+    assert not (shards / "1").exists() and sorted(p.name for p in shards.iterdir()) == ["0", "2"]
+    with pytest.raises(FileNotFoundError, match="run.shards/1 is missing or unfinished"):
+        run_sample(config, shards, tmp_path / "run")
+
+    run_sample_shard(config, stage1, stage2, vq, 1, shards / "1")
+    run_sample(config, shards, tmp_path / "run")
+    assert {s: (shards / str(s) / "shard.npz").stat().st_mtime_ns for s in (0, 2)} == done
+    for key in ("sem", "vq", "labels"):
+        assert np.array_equal(np.load(tmp_path / "run" / "samples.npz")[key],
+                              np.load(tmp_path / "whole" / "samples.npz")[key])
+
+
+def test_shards_of_another_run_are_refused(chain, tmp_path):
+    config, stage1, stage2, vq = chain
+    config["sample"].update(batch_size=2, shards=2)
+    shards = tmp_path / "shards"
+    run_sample_shard(config, stage1, stage2, vq, 0, shards / "0")
+    config["sample"]["top_k"] = 3
+    run_sample_shard(config, stage1, stage2, vq, 1, shards / "1")
+    with pytest.raises(ValueError, match="shard 0 .* was made by another run than shard 0 or than this config"):
+        run_sample(config, shards, tmp_path / "samples")
+    assert not (tmp_path / "samples").exists()
+
+
+def test_shards_split_the_blocks_evenly():
+    blocks = shard_indices(10, 3, shards=2, shard=0) + shard_indices(10, 3, shards=2, shard=1)
+    assert [b.tolist() for b in blocks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert len(shard_indices(10, 3, shards=2, shard=0)) == 2
+    with pytest.raises(ValueError, match="sample.shards 5 exceeds the 4 blocks"):
+        shard_indices(10, 3, shards=5, shard=0)
 
 
 def test_upper_bound_spreads_its_images_over_the_split():

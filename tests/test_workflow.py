@@ -9,8 +9,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = {"synthesize", "prepare", "features", "kmeans", "tokenize", "train_vq", "tokenize_vq",
-         "train_ar", "train_decoder", "probe", "sample", "train_classifier", "evaluate", "upper_bound",
-         "report"}
+         "train_ar", "train_decoder", "probe", "sample_shard", "sample", "train_classifier", "evaluate",
+         "upper_bound", "report"}
+# DVC stages that run several rules (`--allowed-rules A B ... -- target`): the stage is named after its target.
+GROUPED = {"sample": ["sample_shard", "sample"]}
 
 
 def snakemake(*args, cwd=REPO):
@@ -59,6 +61,8 @@ def test_imagenet_configs_plan(in_tmp, name):
     assert set(jobs) == RULES - {"synthesize"} | {"all"}
     assert jobs["prepare"]["input"] == [str(in_tmp / "imagenet")]
     assert jobs["report"]["output"][0] == f"results/{name}/metrics.json"
+    shards = re.findall(r"rule sample_shard:\n(?:.*\n)*?\s+wildcards: shard=(\d+)", result.stdout)
+    assert sorted(map(int, shards)) == list(range(config["sample"]["shards"])) and len(shards) == 50
 
 
 def test_bad_config_key_stops_snakemake_and_cli(in_tmp):
@@ -92,7 +96,8 @@ def test_dvc_stages_mirror_the_snakemake_rules(in_tmp):
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     assert dvc["vars"] == ["config/config.yaml"]
     stages = dvc["stages"]
-    assert set(stages) == RULES
+    grouped = {rule for rules in GROUPED.values() for rule in rules}
+    assert set(stages) == RULES - grouped | set(GROUPED)
 
     dry = snakemake("-n", "--configfile", str(REPO / "config/config.yaml"), "-d", str(in_tmp))
     jobs = planned_jobs(dry.stdout)
@@ -106,9 +111,12 @@ def test_dvc_stages_mirror_the_snakemake_rules(in_tmp):
         return sorted(resolve(next(iter(e)) if isinstance(e, dict) else e) for e in entries)
 
     for name, stage in stages.items():
-        assert f"--allowed-rules {name} --forcerun {name} -- {name}" in stage["cmd"], name
+        rules = " ".join(GROUPED.get(name, [name]))
+        assert f"--allowed-rules {rules} --forcerun {rules} -- {name}" in stage["cmd"], name
         deps = [d for d in paths(stage.get("deps", [])) if not d.startswith("digit/")]
-        assert deps == sorted(jobs[name]["input"]), name
+        made_inside = {out for rule in GROUPED.get(name, [name]) for out in jobs[rule]["output"]}
+        inputs = {i for rule in GROUPED.get(name, [name]) for i in jobs[rule]["input"]} - made_inside
+        assert deps == sorted(inputs), name
         outs = paths(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []))
         assert outs == sorted(jobs[name]["output"]), name
         (params,) = stage["params"]

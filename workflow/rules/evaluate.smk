@@ -1,23 +1,42 @@
 # Samples, their metrics against the val images, the upper bound, and the experiment's report.
 
 
-rule sample:
+rule sample_shard:
     input:
         stage1=f"{R}/stage1",
         stage2=f"{R}/stage2",
         vq=f"{R}/vq",
     output:
+        temp(directory(f"{R}/sample_shards/{{shard}}")),
+    wildcard_constraints:
+        shard=r"\d+",
+    params:
+        config=stage_params("sample"),
+    log:
+        f"{R}/logs/sample_shard_{{shard}}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        digit(
+            "sample-shard --stage1 {input.stage1} --stage2 {input.stage2} --vq {input.vq} "
+            "--shard {wildcards.shard} --out {output}"
+        )
+
+
+rule sample:
+    input:
+        expand(f"{R}/sample_shards/{{shard}}", shard=range(config["sample"]["shards"])),
+    output:
         directory(f"{R}/samples"),
     params:
         config=stage_params("sample"),
+        shards=lambda wildcards, input: os.path.dirname(input[0]),
     log:
         f"{R}/logs/sample.log",
     conda:
         "../../environment.yml"
     shell:
-        digit(
-            "sample --stage1 {input.stage1} --stage2 {input.stage2} --vq {input.vq} --out {output}"
-        )
+        digit("sample --shards {params.shards} --out {output}")
 
 
 rule train_classifier:
