@@ -364,6 +364,10 @@ def peak_snr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
 def load_vq(vq_dir: str | Path, device="cpu") -> VQModel:
     vq_dir = Path(vq_dir)
     meta = read_json(vq_dir / "model.json")
+    missing = [key for key in ARCHITECTURE if key not in meta]
+    if missing:
+        raise ValueError(f"{vq_dir / 'model.json'} lacks {missing}: it was made by another version of digit; "
+                         "re-run train_vq")
     model = build_vq(meta)
     model.load_state_dict(load_file(vq_dir / "model.safetensors"))
     return model.to(device).eval()

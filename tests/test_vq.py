@@ -140,3 +140,9 @@ def test_pixel_range_maps_digit_pixels_into_the_networks_range():
     assert torch.equal(model.encode_indices(x), model.quantizer.lookup(model.encoder((x + 1) / 2)))
     decoded = model.decoder(model.quantizer.embed(model.encode_indices(x)))
     torch.testing.assert_close(model.decode_indices(model.encode_indices(x)), (decoded * 2 - 1).clamp(-1, 1))
+
+
+def test_a_model_json_of_another_version_is_named(tmp_path):
+    (tmp_path / "model.json").write_text('{"codebook_size": 8, "code_dim": 4, "channels": [8, 8], "beta": 0.25}')
+    with pytest.raises(ValueError, match=r"model.json lacks \['arch', 'channel_mult'.*re-run train_vq"):
+        load_vq(tmp_path)
