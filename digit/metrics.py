@@ -169,9 +169,11 @@ def fidelity_metrics(samples: str | Path | torch.utils.data.Dataset, reference: 
     against a reference dataset of uint8 images; no downloads. With `reference_name`, torch-fidelity
     caches the reference's features under that name in `cache_root` and the next call naming it
     reuses them: the name must identify the images and the weights (see `reference_cache_name`)."""
-    n_samples = len(samples) if isinstance(samples, torch.utils.data.Dataset) else len(list(Path(samples).glob("*.png")))
+    if not isinstance(samples, torch.utils.data.Dataset):
+        samples = str(samples)
+    n_samples = len(list(Path(samples).glob("*.png"))) if isinstance(samples, str) else len(samples)
     raw = torch_fidelity.calculate_metrics(
-        input1=samples if isinstance(samples, torch.utils.data.Dataset) else str(samples), input2=reference,
+        input1=samples, input2=reference,
         cuda=cuda, batch_size=batch_size,
         fid=True, isc=True, kid=True, prc=True, isc_splits=min(10, n_samples),
         kid_subset_size=min(1000, n_samples, len(reference)),

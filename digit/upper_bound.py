@@ -11,32 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 from torchvision.utils import make_grid
 
 from digit.config import resolve_device
 from digit.data import ImageDataset, load_manifest, to_float, to_uint8
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
-from digit.metrics import (check_inception_weights, fidelity_metrics, inception_weights, reference_cache_name,
-                           val_reference_record)
+from digit.metrics import (ImagesOnly, check_inception_weights, fidelity_metrics, inception_weights,
+                           reference_cache_name, val_reference_record)
 from digit.sample import decode_stage2, save_png
 from digit.tokens import check_cache_matches, load_token_cache
 from digit.train import load_stage
 from digit.vq import load_vq, peak_snr
 
 GRID_ROWS = 8  # images shown in grid.png: each as original, VQ reconstruction, stage-2 reconstruction
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """uint8 images [N, 3, H, W] as the dataset torch-fidelity reads."""
-
-    def __init__(self, images: torch.Tensor):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
 
 
 def chosen_images(n_val: int, num_images: int | None) -> np.ndarray:
@@ -85,8 +73,9 @@ def run_upper_bound(config: dict, manifest_path: str | Path, tokens_dir: str | P
         # the originals' Inception statistics: computed once, for both sets and for later runs
         reference_name = reference_cache_name(val_reference_record([dataset.entries[i] for i in chosen], size),
                                               sha256_file(weights))
+        reference = ImagesOnly(TensorDataset(originals))
         for name, recon in (("upper_bound", stage2_recon), ("vq_recon", vq_recon)):
-            scores = fidelity_metrics(TensorImages(recon), TensorImages(originals), weights, batch_size,
+            scores = fidelity_metrics(ImagesOnly(TensorDataset(recon)), reference, weights, batch_size,
                                       device.type == "cuda", config["seed"], config["evaluate"]["cache_dir"],
                                       reference_name=reference_name)
             metrics |= {f"{name}_fid": scores["fid"], f"{name}_inception_score": scores["inception_score"],
