@@ -12,6 +12,14 @@ from digit.io import atomic_dir, provenance, read_json, save_npy, sha256_file, w
 from digit.tokens import assign
 
 
+def train_codebook(sample: np.ndarray, km: dict, gpu: bool) -> tuple[np.ndarray, list[float]]:
+    """faiss K-means of float32 [N, D] `sample` with the `kmeans` config: (codebook [K, D], inertia per iteration)."""
+    kmeans = faiss.Kmeans(sample.shape[1], km["k"], niter=km["iterations"], seed=km["seed"],
+                          max_points_per_centroid=km["max_points_per_centroid"], gpu=gpu)
+    kmeans.train(sample)
+    return kmeans.centroids.astype(np.float32), [float(x) for x in kmeans.obj]
+
+
 def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> None:
     """codebook.npy float32 [K, D] and codebook.json (encoder, K, seed, inertia, usage, provenance)."""
     km = config["kmeans"]
@@ -33,11 +41,7 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
     sample = np.ascontiguousarray(vectors, dtype=np.float32)
 
     device = resolve_device(config)
-    kmeans = faiss.Kmeans(d, k, niter=km["iterations"], seed=km["seed"],
-                          max_points_per_centroid=km["max_points_per_centroid"],
-                          gpu=device.type == "cuda" and faiss.get_num_gpus() > 0)
-    kmeans.train(sample)
-    codebook = kmeans.centroids.astype(np.float32)
+    codebook, inertia = train_codebook(sample, km, gpu=device.type == "cuda" and faiss.get_num_gpus() > 0)
 
     ids = assign(torch.from_numpy(sample).to(device), torch.from_numpy(codebook).to(device))
     counts = torch.bincount(ids, minlength=k).cpu().numpy()
@@ -52,12 +56,12 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
             "iterations": km["iterations"],
             "seed": km["seed"],
             "codebook_sha256": sha256_file(tmp / "codebook.npy"),
-            "inertia": [float(x) for x in kmeans.obj],
+            "inertia": inertia,
             "training_vectors": len(sample),
             "usage": {"dead_clusters": int((counts == 0).sum()),
                       "perplexity": float(np.exp(-(p * np.log(p)).sum())),
                       "max_fraction": float(counts.max() / counts.sum())},
             "provenance": provenance({"kmeans": km}, {"features": features_dir / "features.npy"}),
         })
-    print(f"kmeans: K={k} on {len(sample)} vectors, inertia {kmeans.obj[0]:.4g} -> {kmeans.obj[-1]:.4g}, "
+    print(f"kmeans: K={k} on {len(sample)} vectors, inertia {inertia[0]:.4g} -> {inertia[-1]:.4g}, "
           f"{int((counts == 0).sum())} dead clusters")
