@@ -46,20 +46,26 @@ def load_codebook(codebook_dir: str | Path) -> tuple[np.ndarray, dict]:
     return np.load(codebook_dir / "codebook.npy"), info
 
 
+def load_codebook_for(encoder: FeatureEncoder, config: dict, codebook_dir: str | Path) -> tuple[np.ndarray, dict]:
+    """load_codebook, refusing a codebook made with another encoder or image size than the config's."""
+    codebook, info = load_codebook(codebook_dir)
+    if codebook.shape[1] != encoder.dim:
+        raise ValueError(f"codebook in {codebook_dir} has dim {codebook.shape[1]} but the encoder of the config "
+                         f"({config['encoder']['arch']}, encoder.overrides) has dim {encoder.dim}")
+    check_cache_matches({**info["encoder"], "image_size": info["image_size"]},
+                        {**encoder.identity, "image_size": config["data"]["image_size"]},
+                        source=f"codebook {codebook_dir} (made with another encoder or image size; re-run features)")
+    return codebook, info
+
+
 @torch.no_grad()
 def run_tokenize(config: dict, manifest_path: str | Path, codebook_dir: str | Path, out_dir: str | Path) -> None:
     """The token cache: every train and val image, in every view of `tokenize.views`."""
     device = resolve_device(config)
     manifest = load_manifest(manifest_path)
-    codebook, info = load_codebook(codebook_dir)
     encoder = FeatureEncoder(config).to(device)
-    if codebook.shape[1] != encoder.dim:
-        raise ValueError(f"codebook in {codebook_dir} has dim {codebook.shape[1]} but the encoder of the config "
-                         f"({config['encoder']['arch']}, encoder.overrides) has dim {encoder.dim}")
+    codebook, info = load_codebook_for(encoder, config, codebook_dir)
     size, views = config["data"]["image_size"], config["tokenize"]["views"]
-    check_cache_matches({**info["encoder"], "image_size": info["image_size"]},
-                        {**encoder.identity, "image_size": size},
-                        source=f"codebook {codebook_dir} (made with another encoder or image size; re-run features)")
     codebook = torch.from_numpy(codebook).to(device)
     num_tokens = encoder.grid[0] * encoder.grid[1]
     with atomic_dir(out_dir) as tmp:
