@@ -7,12 +7,15 @@ file that changes after preparation is caught by its hash, not silently used.
 from __future__ import annotations
 
 import math
+import struct
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
 
@@ -99,54 +102,104 @@ def run_synthesize(config: dict, out_dir: str | Path) -> None:
 
 # -- validation and the manifest -------------------------------------------------------------
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode any supported image to 8-bit RGB; raise ValueError naming the file if it cannot be."""
+# Images with more pixels are refused before they are decoded: a file of a few bytes can declare a
+# huge canvas (a decompression bomb). 10^8 pixels (10,000 x 10,000) is far above any photo dataset.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; `reason` is the short cause that prepare's report counts."""
+
+    def __init__(self, path: str | Path, reason: str, detail: str):
+        super().__init__(f"cannot read image {path}: {reason} ({detail})")
+        self.path, self.reason = str(path), reason
+
+
+def _decode(path: Path) -> Image.Image:
+    if path.stat().st_size == 0:
+        raise BadImage(path, "empty file", "0 bytes")
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        with warnings.catch_warnings():
+            # PIL's own global limit only warns below twice its value; MAX_IMAGE_PIXELS decides here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise BadImage(path, "too large", f"{im.width}x{im.height} pixels, more than MAX_IMAGE_PIXELS = "
+                                                      f"{MAX_IMAGE_PIXELS}: a decompression bomb?")
+                im.load()
+                return ImageOps.exif_transpose(im)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(path, "too large", str(e)) from e
+    except UnidentifiedImageError as e:
+        raise BadImage(path, "not an image", "no image format recognises it") from e
+    except OSError as e:
+        # an errno means the file system refused (permissions, gone); none means the decoder did
+        raise BadImage(path, "unreadable" if e.errno else "truncated or corrupt", str(e)) from e
+    except (ValueError, SyntaxError, struct.error) as e:
+        raise BadImage(path, "truncated or corrupt", str(e)) from e
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode any supported image to 8-bit RGB, upright (EXIF orientation applied), transparency
+    composited on white; raise BadImage naming the file and the reason if it cannot be."""
+    im = _decode(Path(path))
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: PIL's convert("RGB") clips, so scale to 8 bits first.
-        array = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray((array / max(array.max(), 1) * 255).astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # 16-bit grayscale: PIL's convert("RGB") clips at 255, so map 0..65535 onto 0..255 first.
+        array = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257
+        im = Image.fromarray(np.round(array).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba)
     return im.convert("RGB")
 
 
-def _scan(root: Path, split: str) -> dict[str, list[Path]]:
+def _scan(root: Path, split: str) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Each class folder's image files, and the files that are not images of a class folder."""
     split_dir = root / split
     if not split_dir.is_dir():
         raise FileNotFoundError(f"image folder {root} has no '{split}/' directory")
-    classes = {}
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        classes[class_dir.name] = sorted(p for p in class_dir.rglob("*")
-                                         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    return classes
+    classes, other = {}, []
+    for entry in sorted(split_dir.iterdir()):
+        if not entry.is_dir():
+            other.append(entry)
+            continue
+        files = sorted(p for p in entry.rglob("*") if p.is_file())
+        classes[entry.name] = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        other += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    return classes, other
 
 
 def run_prepare(config: dict, data_root: str | Path, out_dir: str | Path) -> None:
     """Validate every image of the folder and write manifest.json and report.json.
 
-    A bad image stops the run with its path, or with `data.on_bad_image: skip` is left out and
-    listed in the report.
+    A bad image, or a val class that train lacks, stops the run with its path; with
+    `data.on_bad_image: skip` such images are left out and the report counts them by reason.
+    The report also lists empty class folders and files that are not .jpg/.jpeg/.png.
     """
     root = Path(data_root)
     policy = config["data"]["on_bad_image"]
-    scanned = {split: _scan(root, split) for split in SPLITS}
+    hint = "set data.on_bad_image: skip to skip such files"
+    scanned, ignored = {}, []
+    for split in SPLITS:
+        scanned[split], other = _scan(root, split)
+        ignored += other
     classes = [name for name, files in scanned["train"].items() if files]
     if len(classes) < 2:
         raise ValueError(f"{root}/train needs at least two non-empty class folders, found {len(classes)}")
-    unknown = sorted(set(name for name, files in scanned["val"].items() if files) - set(classes))
-    if unknown:
-        raise ValueError(f"{root}/val has classes that are not in train: {unknown}")
     class_id = {name: i for i, name in enumerate(classes)}
 
-    splits, skipped = {}, []
+    skipped = []
+    for name, files in scanned["val"].items():
+        if files and name not in class_id:
+            if policy == "error":
+                raise ValueError(f"{root / 'val' / name}: class '{name}' is not in train, so its "
+                                 f"{len(files)} image(s) have no label ({hint})")
+            skipped += [{"path": str(p), "reason": "class not in train"} for p in files]
+
+    splits = {}
     for split in SPLITS:
         entries = []
         for name in classes:
@@ -154,10 +207,10 @@ def run_prepare(config: dict, data_root: str | Path, out_dir: str | Path) -> Non
                 try:
                     with load_image(path) as im:
                         width, height = im.size
-                except ValueError as e:
+                except BadImage as e:
                     if policy == "error":
-                        raise ValueError(f"{e} (set data.on_bad_image: skip to skip such files)") from None
-                    skipped.append({"path": str(path), "reason": str(e)})
+                        raise ValueError(f"{e} ({hint})") from None
+                    skipped.append({"path": e.path, "reason": e.reason, "detail": str(e)})
                     continue
                 entries.append({"path": str(path), "label": class_id[name], "width": width,
                                 "height": height, "sha256": sha256_file(path)})
@@ -165,20 +218,28 @@ def run_prepare(config: dict, data_root: str | Path, out_dir: str | Path) -> Non
             raise ValueError(f"{root}/{split} has no readable images")
         splits[split] = entries
 
-    empty = sorted(name for split in SPLITS for name, files in scanned[split].items() if not files)
+    size = config["data"]["image_size"]
     report = {
         "root": str(root),
         "num_classes": len(classes),
         "images": {split: len(entries) for split, entries in splits.items()},
         "skipped": len(skipped),
+        "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
         "skipped_files": skipped,
-        "empty_class_folders": empty,
+        "ignored_files": [str(p) for p in ignored],
+        "empty_class_folders": [f"{split}/{name}" for split in SPLITS
+                                for name, files in scanned[split].items() if not files],
+        # upscaled to data.image_size: legal, but worth knowing about
+        "smaller_than_image_size": sum(min(e["width"], e["height"]) < size
+                                       for entries in splits.values() for e in entries),
         "on_bad_image": policy,
     }
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "manifest.json", {"root": str(root), "classes": classes, "splits": splits})
         write_json(tmp / "report.json", report | {"provenance": provenance({"data": config["data"]})})
-    print(f"prepare: {report['images']} images in {len(classes)} classes, {len(skipped)} skipped")
+    reasons = ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
+    print(f"prepare: {report['images']} images in {len(classes)} classes, {len(skipped)} skipped"
+          + (f" ({reasons}; listed in {Path(out_dir) / 'report.json'})" if skipped else ""))
 
 
 def load_manifest(path: str | Path) -> dict:
