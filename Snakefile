@@ -13,9 +13,11 @@ include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/vq.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/diagnostics.smk"
 
 
 rule all:
     input:
         REPORT_OUTPUTS,
+        STABILITY_OUTPUTS,
     default_target: True

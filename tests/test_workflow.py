@@ -10,7 +10,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RULES = {"synthesize", "prepare", "features", "kmeans", "tokenize", "train_vq", "tokenize_vq",
          "train_ar", "train_decoder", "probe", "sample_shard", "sample", "train_classifier", "evaluate",
-         "upper_bound", "report"}
+         "upper_bound", "stability", "report"}
 # DVC stages that run several rules (`--allowed-rules A B ... -- target`): the stage is named after its target.
 GROUPED = {"sample": ["sample_shard", "sample"]}
 

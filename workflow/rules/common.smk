@@ -27,6 +27,7 @@ DATA = f"{R}/data" if SYNTHETIC else config["data"]["root"]
 REPORT_OUTPUTS = [f"{R}/metrics.json", f"{R}/grid.png"] + [
     f"{R}/curves/{name}.tsv" for name in ("vq", "stage1", "stage2", "probe")
 ]
+STABILITY_OUTPUTS = [f"{R}/stability/stability.{ext}" for ext in ("tsv", "png", "json")]
 
 # The config keys each stage depends on: a change re-runs that stage and what follows.
 # dvc.yaml declares the same keys as the stage's params (tests/test_workflow.py checks).
@@ -45,6 +46,7 @@ STAGE_PARAMS = {
     "train_classifier": ["device", "seed", "data.image_size", "classifier"],
     "evaluate": ["device", "evaluate"],
     "upper_bound": ["device", "seed", "data.image_size", "sample", "evaluate", "upper_bound"],
+    "stability": ["device", "seed", "data.image_size", "encoder", "tokenize.batch_size", "vq.precision", "stability"],
     "report": ["experiment"],
 }
 
