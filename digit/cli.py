@@ -12,7 +12,8 @@ import sys
 import time
 
 from digit.compare import FORMATS, compare_table
-from digit.config import ConfigError, load_config
+from digit.config import ConfigError, check_feasible, load_config
+from digit.io import DiskFullError
 
 # subcommand -> (library function, help, [(flag, help)]) ; flags map to the function's path arguments.
 STAGES = {
@@ -73,7 +74,9 @@ STAGES = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check_help = ("validate a config file: its keys, values that would fail hours into a run, and what this "
+                  "machine must hold (image folder, weight files, a GPU for device: cuda)")
+    check = sub.add_parser("check-config", help=check_help, description=check_help)
     check.add_argument("--config", required=True, help="experiment config YAML")
     compare_help = "one table of the settings that differ between experiments and their metrics"
     compare = sub.add_parser("compare", help=compare_help, description=compare_help)
@@ -94,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         return print_comparison(args)
     try:
         config = load_config(args.config)
+        if args.stage == "check-config":
+            check_feasible(config, source=args.config)
     except ConfigError as e:
         print(f"digit: {e}", file=sys.stderr)
         return 2
     if args.stage == "check-config":
-        print(f"{args.config}: valid")
+        print(f"{args.config}: valid, and it can run here")
         return 0
     target, _, flags = STAGES[args.stage]
     module_name, func_name = target.split(":")
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         func(config, *paths)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, DiskFullError) as e:
         print(f"digit {args.stage}: error: {e}", file=sys.stderr)
         return 1
     print(f"digit {args.stage}: done in {time.perf_counter() - start:.1f} s")

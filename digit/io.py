@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,16 +17,47 @@ from typing import Any, Iterator
 import numpy as np
 
 
+class DiskFullError(OSError):
+    """A write that ran out of space. The output it was writing is left as it was."""
+
+    def __init__(self, path: Path):
+        super().__init__(errno.ENOSPC, f"disk full: no space left on the device to write {path} (left as it "
+                                       "was before this run); free some space and run the same command again")
+
+
+def _is_disk_full(error: Exception, directory: Path) -> bool:
+    """ENOSPC however the writer reports it: an OSError's errno, the OS's message inside a library's own
+    error (safetensors), or, where a writer loses both (numpy's tofile, torch.save), no space left."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    if os.strerror(errno.ENOSPC) in str(error):
+        return True
+    return isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(directory).free == 0
+
+
+@contextlib.contextmanager
+def _disk_full_names(path: Path) -> Iterator[None]:
+    """The one place a full disk is recognised: it becomes a DiskFullError naming the final output."""
+    try:
+        yield
+    except Exception as e:
+        if _is_disk_full(e, path.parent):
+            raise DiskFullError(path) from e
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _disk_full_names(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
+        with _disk_full_names(path):  # inside the cleanup: the partial file still fills the disk
+            yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -36,9 +68,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with _disk_full_names(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with _disk_full_names(path):
+            yield tmp
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -4,6 +4,7 @@ import shlex
 
 import yaml
 
+from digit.config import check_feasible
 
 if not workflow.configfiles:
     configfile: "config/config.yaml"
@@ -20,6 +21,14 @@ with open(CONFIGFILE) as f:
             f"--config overrides are not supported: every stage reads {CONFIGFILE}; "
             "edit the file or copy it to a new experiment config"
         )
+# Values that would fail hours into a run stop it before the first job, naming the key. Planning
+# (-n) checks the values alone; a run also checks the data, weight files and, for jobs run here, a GPU.
+check_feasible(config, CONFIGFILE, machine=False)
+
+
+onstart:
+    check_feasible(config, CONFIGFILE, gpu=workflow.local_exec)
+
 
 R = f"results/{config['experiment']}"
 SYNTHETIC = config["data"]["source"] == "synthetic"
@@ -67,5 +76,5 @@ def digit(arguments):
     return (
         "OMP_NUM_THREADS={threads} digit "
         + arguments
-        + f" --config {shlex.quote(CONFIGFILE)} > {{log}} 2>&1"
+        + f" --config {shlex.quote(CONFIGFILE)} > {{log:q}} 2>&1"
     )

@@ -13,7 +13,7 @@ if SYNTHETIC:
         conda:
             "../../environment.yml"
         shell:
-            digit("synthesize --out {output}")
+            digit("synthesize --out {output:q}")
 
 
 rule prepare:
@@ -28,4 +28,4 @@ rule prepare:
     conda:
         "../../environment.yml"
     shell:
-        digit("prepare --data {input.data:q} --out {output}")
+        digit("prepare --data {input.data:q} --out {output:q}")

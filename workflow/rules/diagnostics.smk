@@ -17,6 +17,6 @@ rule stability:
         "../../environment.yml"
     shell:
         digit(
-            "stability --manifest {input.prepare}/manifest.json --codebook {input.codebook} "
-            "--vq {input.vq} --out {params.out}"
+            "stability --manifest {input.prepare:q}/manifest.json --codebook {input.codebook:q} "
+            "--vq {input.vq:q} --out {params.out:q}"
         )

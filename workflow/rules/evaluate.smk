@@ -18,8 +18,8 @@ rule sample_shard:
         "../../environment.yml"
     shell:
         digit(
-            "sample-shard --stage1 {input.stage1} --stage2 {input.stage2} --vq {input.vq} "
-            "--shard {wildcards.shard} --out {output}"
+            "sample-shard --stage1 {input.stage1:q} --stage2 {input.stage2:q} --vq {input.vq:q} "
+            "--shard {wildcards.shard} --out {output:q}"
         )
 
 
@@ -36,7 +36,7 @@ rule sample:
     conda:
         "../../environment.yml"
     shell:
-        digit("sample --shards {params.shards} --out {output}")
+        digit("sample --shards {params.shards:q} --out {output:q}")
 
 
 rule train_classifier:
@@ -51,7 +51,7 @@ rule train_classifier:
     conda:
         "../../environment.yml"
     shell:
-        digit("train-classifier --manifest {input}/manifest.json --out {output}")
+        digit("train-classifier --manifest {input:q}/manifest.json --out {output:q}")
 
 
 rule evaluate:
@@ -69,8 +69,8 @@ rule evaluate:
         "../../environment.yml"
     shell:
         digit(
-            "evaluate --samples {input.samples} --manifest {input.prepare}/manifest.json "
-            "--classifier {input.classifier} --out {output}"
+            "evaluate --samples {input.samples:q} --manifest {input.prepare:q}/manifest.json "
+            "--classifier {input.classifier:q} --out {output:q}"
         )
 
 
@@ -90,8 +90,8 @@ rule upper_bound:
         "../../environment.yml"
     shell:
         digit(
-            "upper-bound --manifest {input.prepare}/manifest.json --tokens {input.tokens} "
-            "--stage2 {input.stage2} --vq {input.vq} --out {output}"
+            "upper-bound --manifest {input.prepare:q}/manifest.json --tokens {input.tokens:q} "
+            "--stage2 {input.stage2:q} --vq {input.vq:q} --out {output:q}"
         )
 
 
@@ -115,8 +115,8 @@ rule report:
         "../../environment.yml"
     shell:
         digit(
-            "report --evaluate {input.evaluate} --probe {input.probe} --upper-bound {input.upper_bound} "
-            "--stage1 {input.stage1} "
-            "--stage2 {input.stage2} "
-            "--vq {input.vq} --samples {input.samples} --out {params.out}"
+            "report --evaluate {input.evaluate:q} --probe {input.probe:q} --upper-bound {input.upper_bound:q} "
+            "--stage1 {input.stage1:q} "
+            "--stage2 {input.stage2:q} "
+            "--vq {input.vq:q} --samples {input.samples:q} --out {params.out:q}"
         )

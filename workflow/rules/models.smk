@@ -14,7 +14,7 @@ rule train_ar:
     conda:
         "../../environment.yml"
     shell:
-        digit("train-ar --tokens {input} --out {output}")
+        digit("train-ar --tokens {input:q} --out {output:q}")
 
 
 rule train_decoder:
@@ -31,7 +31,7 @@ rule train_decoder:
         "../../environment.yml"
     shell:
         digit(
-            "train-decoder --tokens {input.tokens} --vq-tokens {input.vq_tokens} --out {output}"
+            "train-decoder --tokens {input.tokens:q} --vq-tokens {input.vq_tokens:q} --out {output:q}"
         )
 
 
@@ -48,4 +48,4 @@ rule probe:
     conda:
         "../../environment.yml"
     shell:
-        digit("probe --stage1 {input.stage1} --tokens {input.tokens} --out {output}")
+        digit("probe --stage1 {input.stage1:q} --tokens {input.tokens:q} --out {output:q}")

@@ -13,7 +13,7 @@ rule features:
     conda:
         "../../environment.yml"
     shell:
-        digit("features --manifest {input}/manifest.json --out {output}")
+        digit("features --manifest {input:q}/manifest.json --out {output:q}")
 
 
 rule kmeans:
@@ -28,7 +28,7 @@ rule kmeans:
     conda:
         "../../environment.yml"
     shell:
-        digit("kmeans --features {input} --out {output}")
+        digit("kmeans --features {input:q} --out {output:q}")
 
 
 rule tokenize:
@@ -45,6 +45,6 @@ rule tokenize:
         "../../environment.yml"
     shell:
         digit(
-            "tokenize --manifest {input.prepare}/manifest.json "
-            "--codebook {input.codebook} --out {output}"
+            "tokenize --manifest {input.prepare:q}/manifest.json "
+            "--codebook {input.codebook:q} --out {output:q}"
         )

@@ -13,7 +13,7 @@ rule train_vq:
     conda:
         "../../environment.yml"
     shell:
-        digit("train-vq --manifest {input}/manifest.json --out {output}")
+        digit("train-vq --manifest {input:q}/manifest.json --out {output:q}")
 
 
 rule tokenize_vq:
@@ -30,6 +30,6 @@ rule tokenize_vq:
         "../../environment.yml"
     shell:
         digit(
-            "tokenize-vq --manifest {input.prepare}/manifest.json "
-            "--vq {input.vq} --out {output}"
+            "tokenize-vq --manifest {input.prepare:q}/manifest.json "
+            "--vq {input.vq:q} --out {output:q}"
         )
