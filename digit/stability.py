@@ -5,10 +5,12 @@ centroid) survive small perturbations of the pixels better than the VQ tokenizer
 Gaussian noise at a series of signal-to-noise ratios; both tokenizers see the same noisy image, and
 each token position whose id differs from the clean image's counts as changed.
 
-The SNR is that of the pixels in [-1, 1] (the VQ model's input; the encoder sees an affine map of
-them): 10 log10(mean(x^2) / sigma^2), per image. The noise is not clipped to the pixel range, which
-would lower its power below the SNR asked for. Each image's unit noise is seeded by (seed, image
-index), so it does not depend on batching, and every SNR scales the same draw.
+The noise is added to the image of the pipeline (data.image_size pixels in [-1, 1], the VQ model's
+input) at 10 log10(mean(x^2) / sigma^2) dB per image. The encoder takes that noisy image as it takes
+any: resized to its input size, normalised per channel (an affine map of [-1, 1] with nearly equal
+scales and small offsets, so the SNR it sees is nearly the same). The noise is not clipped to the pixel
+range, which would lower its power below the SNR asked for. Each image's unit noise is seeded by
+(seed, image index), so it does not depend on batching, and every SNR scales the same draw.
 """
 from __future__ import annotations
 
