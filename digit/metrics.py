@@ -6,6 +6,7 @@ trained on real train images: class-conditional samples that look like their cla
 from __future__ import annotations
 
 import math
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -142,10 +143,18 @@ def generate_inception_weights(path: str | Path, seed: int) -> None:
 
 
 def check_inception_weights(config: dict) -> None:
-    """A configured InceptionV3 weights file must exist: checked before a stage does any work."""
+    """A configured InceptionV3 weights file must exist and hold nothing but tensors: torch-fidelity
+    unpickles it without weights_only, so it is opened here first, safely, before any work."""
     weights = config["evaluate"]["inception_weights"]
-    if weights is not None and not Path(weights).is_file():
+    if weights is None:
+        return
+    if not Path(weights).is_file():
         raise FileNotFoundError(f"config key 'evaluate.inception_weights': no such file {weights}")
+    try:
+        torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{weights} (evaluate.inception_weights) holds objects other than tensors, and it is not "
+                         "unpickled here for safety; use torch-fidelity's released weights file") from None
 
 
 def inception_weights(config: dict, scratch: Path) -> tuple[Path, bool]:
