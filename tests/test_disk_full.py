@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import yaml
 
 from digit.cli import main
 from digit.io import DiskFullError, atomic_dir, read_json, save_npy, write_json
@@ -105,7 +106,6 @@ def test_checkpoint_directory_on_a_full_disk(disk, writer):
 
 def test_a_stage_on_a_full_disk_says_so_and_keeps_its_last_output(disk, manifest, tiny_config, tmp_path, capsys):
     """`digit prepare` writing where the disk fills: exit 1, the message names the output and the cause."""
-    import yaml
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config))
     data, out = manifest.parent.parent / "data", disk.root / "prepare"
     args = ["prepare", "--config", str(tmp_path / "c.yaml"), "--data", str(data), "--out", str(out)]
