@@ -2,7 +2,7 @@
 
 As in the paper, each sampled image is seen once through a random resized crop and a random
 horizontal flip. The randomness of image i depends only on (kmeans.seed, i), so the features are
-the same whatever the batch size or the number of loader workers.
+the same whatever the batch size, the number of loader workers or of shards.
 """
 from __future__ import annotations
 
@@ -16,14 +16,17 @@ import torchvision.transforms.v2.functional as TF
 from digit.config import resolve_device
 from digit.data import load_image, load_manifest
 from digit.encoders import FeatureEncoder, encode_batches
-from digit.io import atomic_dir, provenance, write_json
+from digit.io import atomic_dir, provenance, sha256_file, write_json
+from digit.shards import read_shard_records, shard_range
 
 
 class CropFlipViews(torch.utils.data.Dataset):
-    """One random-resized-crop + horizontal-flip view of each entry, as uint8 [3, size, size]."""
+    """One random-resized-crop + horizontal-flip view of each entry, as uint8 [3, size, size]. The
+    randomness of an entry depends only on the seed and its position in the whole sample."""
 
-    def __init__(self, entries: list[dict], size: int, seed: int):
+    def __init__(self, entries: list[dict], positions: range, size: int, seed: int):
         self.entries = entries
+        self.positions = positions
         self.seed = seed
         self.transform = T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip()])
 
@@ -34,21 +37,32 @@ class CropFlipViews(torch.utils.data.Dataset):
         entry = self.entries[index]
         image = TF.pil_to_tensor(load_image(entry["path"]))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0]))
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.positions[index]]).generate_state(1)[0]))
             return self.transform(image), entry["label"]
 
 
-def run_features(config: dict, manifest_path: str | Path, out_dir: str | Path) -> None:
-    """features.npy: float16 [N, T, D] patch features of `kmeans.sample_fraction` of train."""
+def feature_settings(config: dict) -> dict:
+    """The config subset that determines the features (recorded, and checked by K-means)."""
     km = config["kmeans"]
+    return {"seed": config["seed"], "data.image_size": config["data"]["image_size"], "encoder": config["encoder"],
+            "kmeans.sample_fraction": km["sample_fraction"], "kmeans.seed": km["seed"],
+            "kmeans.feature_shards": km["feature_shards"]}
+
+
+def run_features_shard(config: dict, manifest_path: str | Path, shard: str | int, out_dir: str | Path) -> None:
+    """Shard `shard` of kmeans.feature_shards: features.npy, float16 [n, T, D] patch features of its
+    part of the `kmeans.sample_fraction` sample of train, and meta.json."""
+    km, shard = config["kmeans"], int(shard)
     train = load_manifest(manifest_path)["splits"]["train"]
     count = max(1, round(km["sample_fraction"] * len(train)))
     chosen = np.sort(np.random.default_rng(km["seed"]).choice(len(train), count, replace=False))
-    dataset = CropFlipViews([train[i] for i in chosen], config["data"]["image_size"], km["seed"])
+    positions = shard_range(count, km["feature_shards"], shard, "kmeans.feature_shards")
+    dataset = CropFlipViews([train[i] for i in chosen[positions.start:positions.stop]], positions,
+                            config["data"]["image_size"], km["seed"])
     encoder = FeatureEncoder(config).to(resolve_device(config))
-    shape = (count, encoder.grid[0] * encoder.grid[1], encoder.dim)
+    shape = (len(positions), encoder.grid[0] * encoder.grid[1], encoder.dim)
     with atomic_dir(out_dir) as tmp:
-        # Written through a memmap: the features of a large sample never sit in memory at once.
+        # Written through a memmap: the features of a large shard never sit in memory at once.
         features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
         offset = 0
         for batch, _ in encode_batches(encoder, dataset, config["encoder"]["batch_size"]):
@@ -59,12 +73,28 @@ def run_features(config: dict, manifest_path: str | Path, out_dir: str | Path) -
         write_json(tmp / "meta.json", {
             "encoder": encoder.identity,
             "image_size": config["data"]["image_size"],
+            "shard": shard,
+            "shards": km["feature_shards"],
+            "positions": [positions.start, positions.stop],
             "num_images": count,
             "shape": list(shape),
-            "provenance": provenance(
-                {"seed": config["seed"], "data.image_size": config["data"]["image_size"],
-                 "encoder": config["encoder"], "kmeans.sample_fraction": km["sample_fraction"],
-                 "kmeans.seed": km["seed"]},
-                {"manifest": manifest_path}),
+            "features_sha256": sha256_file(tmp / "features.npy"),
+            "provenance": provenance(feature_settings(config), {"manifest": manifest_path}),
         })
-    print(f"features: {shape[0]} images x {shape[1]} patches x {shape[2]} dims")
+    print(f"features shard {shard}/{km['feature_shards']}: {shape[0]} images x {shape[1]} patches x {shape[2]} dims")
+
+
+def load_feature_shards(config: dict, features_dir: str | Path) -> tuple[list[np.ndarray], dict]:
+    """The memory-mapped features.npy of every shard in order, and shard 0's meta.json, after
+    checking that the shards are complete, from one run, and made under this config."""
+    features_dir = Path(features_dir)
+    records = read_shard_records(features_dir, config["kmeans"]["feature_shards"], feature_settings(config),
+                                 "features")
+    arrays = []
+    for shard, record in enumerate(records):
+        array = np.load(features_dir / str(shard) / "features.npy", mmap_mode="r")
+        if list(array.shape) != record["shape"] or record["positions"][1] - record["positions"][0] != len(array):
+            raise ValueError(f"{features_dir / str(shard) / 'features.npy'} has shape {list(array.shape)}, "
+                             f"but its meta.json records {record['shape']}; re-run that features shard")
+        arrays.append(array)
+    return arrays, records[0]

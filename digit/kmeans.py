@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from digit.config import resolve_device
-from digit.io import atomic_dir, provenance, read_json, save_npy, sha256_file, write_json
+from digit.features import load_feature_shards
+from digit.io import atomic_dir, provenance, save_npy, sha256_file, write_json
 from digit.tokens import assign
 
 
@@ -20,25 +21,39 @@ def train_codebook(sample: np.ndarray, km: dict, gpu: bool) -> tuple[np.ndarray,
     return kmeans.centroids.astype(np.float32), [float(x) for x in kmeans.obj]
 
 
+def read_sample(shards: list[np.ndarray], rows: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """float32 [len(rows), D]: the patch vectors `rows` (sorted, numbered across the shards in order)
+    of float16 [n_i, T, D] shards. Filled a chunk at a time, so that only the float32 sample and one
+    chunk, never a shard, sit in memory."""
+    d = shards[0].shape[2]
+    sample = np.empty((len(rows), d), dtype=np.float32)
+    starts = np.cumsum([0] + [a.shape[0] * a.shape[1] for a in shards])
+    for i, array in enumerate(shards):
+        lo, hi = np.searchsorted(rows, [starts[i], starts[i + 1]])
+        vectors = array.reshape(-1, d)
+        for c in range(lo, hi, chunk):
+            part = rows[c:min(c + chunk, hi)] - starts[i]
+            sample[c:c + len(part)] = vectors[part]
+    return sample
+
+
 def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> None:
     """codebook.npy float32 [K, D] and codebook.json (encoder, K, seed, inertia, usage, provenance)."""
     km = config["kmeans"]
     features_dir = Path(features_dir)
-    meta = read_json(features_dir / "meta.json")
-    features = np.load(features_dir / "features.npy", mmap_mode="r")
-    n, t, d = features.shape
-    vectors = features.reshape(n * t, d)
+    shards, meta = load_feature_shards(config, features_dir)
+    n, t, d = meta["num_images"], shards[0].shape[1], shards[0].shape[2]
     k = km["k"]
-    if k > len(vectors):
-        raise ValueError(f"kmeans.k is {k} but {features_dir} holds only {len(vectors)} feature vectors "
+    if k > n * t:
+        raise ValueError(f"kmeans.k is {k} but {features_dir} holds only {n * t} feature vectors "
                          f"({n} images x {t} patches); lower kmeans.k or raise kmeans.sample_fraction")
     # faiss would subsample to max_points_per_centroid * K points anyway; drawing that sample here
-    # means only it, not the whole feature set, is ever copied to float32 in memory.
+    # means only it, not the whole feature set, is ever read and copied to float32 in memory.
     limit = k * km["max_points_per_centroid"]
-    if len(vectors) > limit:
-        rows = np.sort(np.random.default_rng(km["seed"]).choice(len(vectors), limit, replace=False))
-        vectors = vectors[rows]
-    sample = np.ascontiguousarray(vectors, dtype=np.float32)
+    rows = np.arange(n * t)
+    if len(rows) > limit:
+        rows = np.sort(np.random.default_rng(km["seed"]).choice(len(rows), limit, replace=False))
+    sample = read_sample(shards, rows)
 
     device = resolve_device(config)
     codebook, inertia = train_codebook(sample, km, gpu=device.type == "cuda" and faiss.get_num_gpus() > 0)
@@ -48,6 +63,11 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
     p = counts[counts > 0] / counts.sum()
     with atomic_dir(out_dir) as tmp:
         save_npy(tmp / "codebook.npy", codebook)
+        # DVC plots: the objective per iteration, and cluster sizes from the largest down (usage).
+        (tmp / "inertia.tsv").write_text("iteration\tinertia\n" + "".join(
+            f"{i}\t{x:.6g}\n" for i, x in enumerate(inertia, 1)))
+        (tmp / "usage.tsv").write_text("rank\tcount\n" + "".join(
+            f"{r}\t{c}\n" for r, c in enumerate(np.sort(counts)[::-1], 1)))
         write_json(tmp / "codebook.json", {
             "encoder": meta["encoder"],
             "image_size": meta["image_size"],
@@ -61,7 +81,8 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
             "usage": {"dead_clusters": int((counts == 0).sum()),
                       "perplexity": float(np.exp(-(p * np.log(p)).sum())),
                       "max_fraction": float(counts.max() / counts.sum())},
-            "provenance": provenance({"kmeans": km}, {"features": features_dir / "features.npy"}),
+            "provenance": provenance({"kmeans": km}, {f"features_{i}": features_dir / str(i) / "meta.json"
+                                                      for i in range(len(shards))}),
         })
     print(f"kmeans: K={k} on {len(sample)} vectors, inertia {inertia[0]:.4g} -> {inertia[-1]:.4g}, "
           f"{int((counts == 0).sum())} dead clusters")

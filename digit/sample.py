@@ -18,6 +18,7 @@ from digit.config import resolve_device
 from digit.data import to_uint8
 from digit.gpt import GPT, generate_masked
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.shards import read_shard_records, shard_range
 from digit.train import load_stage
 from digit.vq import load_vq
 
@@ -74,12 +75,8 @@ def shard_indices(num_samples: int, batch_size: int, shards: int, shard: int) ->
     """The sample indices of one shard, as its blocks of sample.batch_size. Each block is drawn from a
     generator of its own (`block_generator`), so the samples do not depend on how they are sharded."""
     blocks = torch.arange(num_samples).split(batch_size)
-    if not 0 <= shard < shards:
-        raise ValueError(f"shard {shard} does not exist: sample.shards is {shards}")
-    if shards > len(blocks):
-        raise ValueError(f"sample.shards {shards} exceeds the {len(blocks)} blocks of sample.batch_size {batch_size}")
-    bounds = np.linspace(0, len(blocks), shards + 1).round().astype(int)
-    return list(blocks[bounds[shard]:bounds[shard + 1]])
+    part = shard_range(len(blocks), shards, shard, "sample.shards", unit="blocks of sample.batch_size")
+    return list(blocks[part.start:part.stop])
 
 
 def block_generator(seed: int, first_index: int, device) -> torch.Generator:
@@ -138,18 +135,8 @@ def run_sample(config: dict, shards_dir: str | Path, out_dir: str | Path) -> Non
     """Merge the shards <shards_dir>/<i> into one sample set: images/<index>.png, samples.npz, grid.png
     and meta.json, after checking that the shards come from one run and cover every index once."""
     sc, shards_dir = config["sample"], Path(shards_dir)
-    metas = []
-    for shard in range(sc["shards"]):
-        if not (shards_dir / str(shard) / "meta.json").is_file():
-            raise FileNotFoundError(f"sample shard {shards_dir / str(shard)} is missing or unfinished")
-        metas.append(read_json(shards_dir / str(shard) / "meta.json"))
-    same = {k: metas[0][k] for k in ("shards", "num_samples", "classes", "class_conditional", "image_size")}
-    settings = {"device": config["device"], "sample": sc}
-    for meta in metas:
-        if ({k: meta[k] for k in same} != same or meta["provenance"]["inputs"] != metas[0]["provenance"]["inputs"]
-                or meta["provenance"]["config"] != settings):
-            raise ValueError(f"sample shard {meta['shard']} in {shards_dir} was made by another run than shard 0 or "
-                             "than this config's sample settings (other models or settings); re-run the sample shards")
+    metas = read_shard_records(shards_dir, sc["shards"], {"device": config["device"], "sample": sc}, "sample")
+    same = metas[0]
     shards = [np.load(shards_dir / str(i) / "shard.npz") for i in range(sc["shards"])]
     indices = np.concatenate([s["indices"] for s in shards])
     if sorted(indices.tolist()) != list(range(same["num_samples"])):

@@ -11,20 +11,26 @@ import numpy as np
 import torch
 
 from digit.config import resolve_device
-from digit.data import ImageDataset, load_manifest
+from digit.data import SPLITS, ImageDataset, load_manifest
 from digit.encoders import FeatureEncoder, encode_batches
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.shards import read_shard_records, shard_range
 
 
 def assign(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid of each row of x [M, D] in codebook [K, D]: LongTensor [M].
 
-    argmin ||x||^2 - 2 x.c + ||c||^2 as one GEMM per chunk of rows; ||x||^2 is the same for every
-    centroid, so it is left out. Chunks keep the [rows, K] distance matrix near 64 MB.
+    argmin ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is the same for every centroid, so it is left out.
+    One addmm (||c||^2 - 2 x.c) per chunk of rows, into one reused [rows, K] buffer of about 16 MB:
+    no temporaries beside the GEMM, and the buffer is still in cache when argmin reads it.
     """
     codebook_sq = codebook.pow(2).sum(1)
-    chunk = max(1, (1 << 24) // len(codebook))
-    return torch.cat([(codebook_sq - 2 * part @ codebook.T).argmin(1) for part in x.split(chunk)])
+    rows = max(1, (1 << 22) // len(codebook))
+    distances = x.new_empty(min(rows, len(x)), len(codebook))
+    ids = torch.empty(len(x), dtype=torch.long, device=x.device)
+    for part, out in zip(x.split(rows), ids.split(rows)):
+        torch.argmin(torch.addmm(codebook_sq, part, codebook.T, alpha=-2, out=distances[:len(part)]), 1, out=out)
+    return ids
 
 
 def check_cache_matches(meta: dict, expected: dict, source: str = "token cache") -> None:
@@ -58,40 +64,91 @@ def load_codebook_for(encoder: FeatureEncoder, config: dict, codebook_dir: str |
     return codebook, info
 
 
+def tokenize_settings(config: dict) -> dict:
+    """The config subset that determines the tokens (recorded by each shard, checked by the merge)."""
+    return {"seed": config["seed"], "data.image_size": config["data"]["image_size"], "encoder": config["encoder"],
+            "tokenize": config["tokenize"]}
+
+
+def split_ranges(manifest: dict, items: range) -> dict[str, range]:
+    """The part of each split that items [start, stop) of the train-then-val sequence cover."""
+    ranges, offset = {}, 0
+    for split in SPLITS:
+        n = len(manifest["splits"][split])
+        ranges[split] = range(min(max(items.start - offset, 0), n), min(max(items.stop - offset, 0), n))
+        offset += n
+    return ranges
+
+
 @torch.no_grad()
-def run_tokenize(config: dict, manifest_path: str | Path, codebook_dir: str | Path, out_dir: str | Path) -> None:
-    """The token cache: every train and val image, in every view of `tokenize.views`."""
-    device = resolve_device(config)
+def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: str | Path, shard: str | int,
+                       out_dir: str | Path) -> None:
+    """Shard `shard` of tokenize.shards, over the train images then the val images: <split>.npy
+    uint16 [n, V, T] for every view of `tokenize.views`, <split>_labels.npy, and meta.json."""
+    device, shard, tc = resolve_device(config), int(shard), config["tokenize"]
     manifest = load_manifest(manifest_path)
+    codebook, info = load_codebook(codebook_dir)
     encoder = FeatureEncoder(config).to(device)
-    codebook, info = load_codebook_for(encoder, config, codebook_dir)
-    size, views = config["data"]["image_size"], config["tokenize"]["views"]
+    if codebook.shape[1] != encoder.dim:
+        raise ValueError(f"codebook in {codebook_dir} has dim {codebook.shape[1]} but the encoder of the config "
+                         f"({config['encoder']['arch']}, encoder.overrides) has dim {encoder.dim}")
+    size, views = config["data"]["image_size"], tc["views"]
+    check_cache_matches({**info["encoder"], "image_size": info["image_size"]},
+                        {**encoder.identity, "image_size": size},
+                        source=f"codebook {codebook_dir} (made with another encoder or image size; re-run features)")
     codebook = torch.from_numpy(codebook).to(device)
     num_tokens = encoder.grid[0] * encoder.grid[1]
+    total = sum(len(manifest["splits"][split]) for split in SPLITS)
+    ranges = split_ranges(manifest, shard_range(total, tc["shards"], shard, "tokenize.shards"))
     with atomic_dir(out_dir) as tmp:
-        for split in ("train", "val"):
-            n = len(manifest["splits"][split])
+        for split, part in ranges.items():
             tokens = np.lib.format.open_memmap(tmp / f"{split}.npy", mode="w+", dtype=np.uint16,
-                                               shape=(n, len(views), num_tokens))
+                                               shape=(len(part), len(views), num_tokens))
             for v, view in enumerate(views):
-                dataset = ImageDataset(manifest, split, size, view=view)
+                dataset = torch.utils.data.Subset(ImageDataset(manifest, split, size, view=view), part)
                 offset = 0
-                for features, _ in encode_batches(encoder, dataset, config["tokenize"]["batch_size"]):
+                for features, _ in encode_batches(encoder, dataset, tc["batch_size"]):
                     ids = assign(features.flatten(0, 1), codebook).view(len(features), num_tokens)
                     tokens[offset:offset + len(features), v] = ids.cpu().numpy()
                     offset += len(features)
             tokens.flush()
             del tokens
-            np.save(tmp / f"{split}_labels.npy", dataset.labels())
+            np.save(tmp / f"{split}_labels.npy", ImageDataset(manifest, split, size).labels()[part.start:part.stop])
         write_json(tmp / "meta.json", {
+            "shard": shard, "shards": tc["shards"], "ranges": {k: [r.start, r.stop] for k, r in ranges.items()},
             "kind": "discriminative", "vocab_size": len(codebook), "grid": list(encoder.grid), "views": views,
             "num_classes": len(manifest["classes"]), "classes": manifest["classes"],
             "codebook_sha256": info["codebook_sha256"], "encoder": encoder.identity, "image_size": size,
-            "provenance": provenance(
-                {"seed": config["seed"], "data.image_size": size, "encoder": config["encoder"],
-                 "tokenize": config["tokenize"]},
-                {"manifest": manifest_path, "codebook": Path(codebook_dir) / "codebook.npy"}),
+            "provenance": provenance(tokenize_settings(config),
+                                     {"manifest": manifest_path, "codebook": Path(codebook_dir) / "codebook.npy"}),
         })
+    print(f"tokenize shard {shard}/{tc['shards']}: " + ", ".join(f"{len(r)} {k}" for k, r in ranges.items()))
+
+
+def run_tokenize(config: dict, shards_dir: str | Path, out_dir: str | Path) -> None:
+    """Merge the tokenize shards <shards_dir>/<i> into the token cache: per split, one uint16
+    [N, V, T] array and the labels, and meta.json binding it to its codebook and encoder."""
+    shards_dir = Path(shards_dir)
+    records = read_shard_records(shards_dir, config["tokenize"]["shards"], tokenize_settings(config), "tokenize")
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            parts = [np.load(shards_dir / str(i) / f"{split}.npy", mmap_mode="r") for i in range(len(records))]
+            covered = [tuple(r["ranges"][split]) for r in records]
+            if any(a[1] != b[0] for a, b in zip(covered, covered[1:])) or covered[0][0] != 0:
+                raise ValueError(f"the tokenize shards in {shards_dir} do not cover {split} once each: {covered}")
+            tokens = np.lib.format.open_memmap(tmp / f"{split}.npy", mode="w+", dtype=np.uint16,
+                                               shape=(covered[-1][1], *parts[0].shape[1:]))
+            for (start, stop), part in zip(covered, parts):
+                tokens[start:stop] = part
+            tokens.flush()
+            del tokens
+            np.save(tmp / f"{split}_labels.npy",
+                    np.concatenate([np.load(shards_dir / str(i) / f"{split}_labels.npy") for i in range(len(records))]))
+        meta = {k: v for k, v in records[0].items() if k not in ("shard", "ranges")}
+        meta["provenance"]["inputs"] |= {f"shard_{i}": sha256_file(shards_dir / str(i) / "meta.json")
+                                         for i in range(len(records))}
+        write_json(tmp / "meta.json", meta)
+    print(f"tokenize: merged {len(records)} shards into {out_dir}")
 
 
 def load_token_cache(cache_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:

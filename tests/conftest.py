@@ -8,6 +8,8 @@ import pytest
 
 from digit.config import load_config, validate
 from digit.data import run_prepare, run_synthesize
+from digit.features import run_features_shard
+from digit.tokens import run_tokenize, run_tokenize_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,8 +22,8 @@ def shrink(config: dict) -> dict:
     c["data"]["image_size"] = 32
     c["encoder"]["overrides"].update(img_size=32, embed_dim=48, depth=4, num_heads=2)
     c["encoder"]["batch_size"] = 8
-    c["kmeans"].update(k=16, iterations=5, sample_fraction=1.0)
-    c["tokenize"]["batch_size"] = 8
+    c["kmeans"].update(k=16, iterations=5, sample_fraction=1.0, feature_shards=2)
+    c["tokenize"].update(batch_size=8, shards=2)
     c["vq"].update(codebook_size=32, code_dim=8, channels=8, channel_mult=[1, 2, 2], steps=5, batch_size=4)
     for stage in ("stage1", "stage2"):
         c[stage].update(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3)
@@ -30,6 +32,20 @@ def shrink(config: dict) -> dict:
     c["probe"].update(epochs=3, batch_size=8)
     c["classifier"].update(steps=5, batch_size=4)
     return validate(c, source="tiny test config")
+
+
+def extract_features(config: dict, manifest: Path, features_dir: Path) -> None:
+    """Every features shard of the config into features_dir/<shard>, as the workflow runs them."""
+    for shard in range(config["kmeans"]["feature_shards"]):
+        run_features_shard(config, manifest, shard, features_dir / str(shard))
+
+
+def tokenize_all(config: dict, manifest: Path, codebook_dir: Path, out_dir: Path) -> None:
+    """Every tokenize shard of the config, then their merge into the token cache out_dir."""
+    shards_dir = out_dir.with_name(out_dir.name + "_shards")
+    for shard in range(config["tokenize"]["shards"]):
+        run_tokenize_shard(config, manifest, codebook_dir, shard, shards_dir / str(shard))
+    run_tokenize(config, shards_dir, out_dir)
 
 
 @pytest.fixture

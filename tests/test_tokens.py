@@ -1,17 +1,18 @@
 """Nearest-centroid assignment, the token cache, and the checks that refuse mismatched inputs."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, shrink
+from conftest import REPO, extract_features, shrink, tokenize_all
 from digit.config import load_config
 from digit.data import ImageDataset, load_manifest
 from digit.encoders import FeatureEncoder
-from digit.features import run_features
 from digit.io import sha256_file
 from digit.kmeans import run_kmeans
-from digit.tokens import assign, check_cache_matches, load_token_cache, run_tokenize
+from digit.tokens import assign, check_cache_matches, load_token_cache, run_tokenize, run_tokenize_shard
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def inputs(tmp_path_factory, manifest):
     """The tiny manifest and a K-means codebook of its features."""
     root = tmp_path_factory.mktemp("inputs")
     config = shrink(load_config(REPO / "config" / "config.yaml"))
-    run_features(config, manifest, root / "features")
+    extract_features(config, manifest, root / "features")
     run_kmeans(config, root / "features", root / "codebook")
     return manifest, root / "codebook"
 
@@ -33,9 +34,20 @@ def test_assign_is_the_brute_force_nearest_centroid(k):
     assert torch.equal(assign(x, codebook), expected)
 
 
+def test_float32_assign_is_the_cdist_argmin_ties_aside():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10000, 96, generator=g)  # K=1000: chunks of 4194 rows, the last one partial
+    codebook = torch.randn(1000, 96, generator=g)
+    distances = torch.cdist(x.double(), codebook.double())
+    nearest, second = distances.topk(2, dim=1, largest=False).values.unbind(1)
+    clear = second - nearest > 1e-3  # closer calls may go either way in float32 rounding
+    assert clear.float().mean() > 0.99
+    assert torch.equal(assign(x, codebook)[clear], distances.argmin(1)[clear])
+
+
 def test_token_cache_format(tiny_config, in_tmp, inputs):
     manifest_path, codebook_dir = inputs
-    run_tokenize(tiny_config, manifest_path, codebook_dir, in_tmp / "tokens")
+    tokenize_all(tiny_config, manifest_path, codebook_dir, in_tmp / "tokens")
     manifest = load_manifest(manifest_path)
     for split, n in (("train", 24), ("val", 12)):
         tokens, labels, meta = load_token_cache(in_tmp / "tokens", split)
@@ -51,7 +63,7 @@ def test_token_cache_format(tiny_config, in_tmp, inputs):
 
 def test_tokens_are_the_nearest_centroids_of_each_view(tiny_config, in_tmp, inputs):
     manifest_path, codebook_dir = inputs
-    run_tokenize(tiny_config, manifest_path, codebook_dir, in_tmp / "tokens")
+    tokenize_all(tiny_config, manifest_path, codebook_dir, in_tmp / "tokens")
     tokens, _, _ = load_token_cache(in_tmp / "tokens", "val")
     encoder = FeatureEncoder(tiny_config)
     codebook = torch.from_numpy(np.load(codebook_dir / "codebook.npy"))
@@ -67,7 +79,7 @@ def test_tokens_are_the_nearest_centroids_of_each_view(tiny_config, in_tmp, inpu
 def test_same_config_gives_byte_identical_tokens(tiny_config, in_tmp, inputs):
     manifest_path, codebook_dir = inputs
     for name in ("a", "b"):
-        run_tokenize(tiny_config, manifest_path, codebook_dir, in_tmp / name)
+        tokenize_all(tiny_config, manifest_path, codebook_dir, in_tmp / name)
     for split in ("train", "val"):
         assert (in_tmp / "a" / f"{split}.npy").read_bytes() == (in_tmp / "b" / f"{split}.npy").read_bytes()
 
@@ -76,7 +88,7 @@ def test_codebook_of_another_dim_is_refused(tiny_config, in_tmp, inputs):
     manifest_path, codebook_dir = inputs
     tiny_config["encoder"]["overrides"]["embed_dim"] = 64
     with pytest.raises(ValueError, match=r"dim 48 .* dim 64"):
-        run_tokenize(tiny_config, manifest_path, codebook_dir, in_tmp / "tokens")
+        run_tokenize_shard(tiny_config, manifest_path, codebook_dir, 0, in_tmp / "tokens")
     assert not (in_tmp / "tokens").exists()
 
 
@@ -84,7 +96,7 @@ def test_codebook_of_another_encoder_is_refused(tiny_config, in_tmp, inputs):
     manifest_path, codebook_dir = inputs
     tiny_config["seed"] = 1  # another random init of the same architecture
     with pytest.raises(ValueError, match="weights_sha256"):
-        run_tokenize(tiny_config, manifest_path, codebook_dir, in_tmp / "tokens")
+        run_tokenize_shard(tiny_config, manifest_path, codebook_dir, 0, in_tmp / "tokens")
 
 
 def test_edited_codebook_is_refused(tiny_config, in_tmp, inputs):
@@ -94,7 +106,7 @@ def test_edited_codebook_is_refused(tiny_config, in_tmp, inputs):
     (edited / "codebook.json").write_bytes((codebook_dir / "codebook.json").read_bytes())
     np.save(edited / "codebook.npy", np.load(codebook_dir / "codebook.npy") + 1)
     with pytest.raises(ValueError, match="re-run kmeans"):
-        run_tokenize(tiny_config, manifest_path, edited, in_tmp / "tokens")
+        run_tokenize_shard(tiny_config, manifest_path, edited, 0, in_tmp / "tokens")
 
 
 def test_check_cache_matches_names_the_mismatched_keys():
@@ -117,4 +129,40 @@ def test_codebook_of_another_image_size_is_refused(tiny_config, in_tmp, inputs):
     manifest_path, codebook_dir = inputs
     tiny_config["data"]["image_size"] = 48
     with pytest.raises(ValueError, match="image_size is 32, expected 48"):
-        run_tokenize(tiny_config, manifest_path, codebook_dir, in_tmp / "tokens")
+        run_tokenize_shard(tiny_config, manifest_path, codebook_dir, 0, in_tmp / "tokens")
+
+
+def test_tokens_do_not_depend_on_the_number_of_shards(tiny_config, in_tmp, inputs):
+    """Shard 1 of 3 spans the end of train and the start of val (36 images); the merge is the same."""
+    manifest_path, codebook_dir = inputs
+    tokenize_all(tiny_config, manifest_path, codebook_dir, in_tmp / "two")
+    tiny_config["tokenize"]["shards"] = 3
+    tokenize_all(tiny_config, manifest_path, codebook_dir, in_tmp / "three")
+    shard1 = json.loads((in_tmp / "three_shards" / "1" / "meta.json").read_text())
+    assert shard1["ranges"] == {"train": [12, 24], "val": [0, 0]}
+    assert json.loads((in_tmp / "three_shards" / "2" / "meta.json").read_text())["ranges"]["val"] == [0, 12]
+    for split in ("train", "val"):
+        for name in (f"{split}.npy", f"{split}_labels.npy"):
+            assert (in_tmp / "two" / name).read_bytes() == (in_tmp / "three" / name).read_bytes()
+
+
+def test_merge_refuses_missing_and_foreign_shards(tiny_config, in_tmp, inputs):
+    manifest_path, codebook_dir = inputs
+    shards = in_tmp / "tokens_shards"
+    run_tokenize_shard(tiny_config, manifest_path, codebook_dir, 0, shards / "0")
+    with pytest.raises(FileNotFoundError, match=r"tokenize shard .*tokens_shards/1 is missing"):
+        run_tokenize(tiny_config, shards, in_tmp / "tokens")
+    other = dict(tiny_config, tokenize=dict(tiny_config["tokenize"], views=["identity"]))
+    run_tokenize_shard(other, manifest_path, codebook_dir, 1, shards / "1")
+    with pytest.raises(ValueError, match=r"tokenize shard .*tokens_shards/1 was made by another run"):
+        run_tokenize(tiny_config, shards, in_tmp / "tokens")
+    assert not (in_tmp / "tokens").exists()
+
+
+def test_shard_index_out_of_range_names_the_key(tiny_config, in_tmp, inputs):
+    manifest_path, codebook_dir = inputs
+    with pytest.raises(ValueError, match=r"shard 2 does not exist: tokenize\.shards is 2"):
+        run_tokenize_shard(tiny_config, manifest_path, codebook_dir, 2, in_tmp / "x")
+    tiny_config["tokenize"]["shards"] = 100
+    with pytest.raises(ValueError, match=r"tokenize\.shards is 100 but there are only 36 items"):
+        run_tokenize_shard(tiny_config, manifest_path, codebook_dir, 0, in_tmp / "x")

@@ -1,4 +1,5 @@
 """The workflow layer: config validation, the Snakemake DAG, and its agreement with dvc.yaml."""
+import os
 import re
 import subprocess
 import sys
@@ -8,11 +9,14 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-RULES = {"synthesize", "prepare", "features", "kmeans", "tokenize", "train_vq", "tokenize_vq",
+RULES = {"synthesize", "prepare", "features_shard", "features", "kmeans", "tokenize_shard", "tokenize", "train_vq", "tokenize_vq",
          "train_ar", "train_decoder", "probe", "sample_shard", "sample", "train_classifier", "evaluate",
          "upper_bound", "stability", "report"}
+# Rules with inputs only, targets that name a group of shard jobs; the full DAG does not plan them.
+TARGETS = {"features"}
 # DVC stages that run several rules (`--allowed-rules A B ... -- target`): the stage is named after its target.
-GROUPED = {"sample": ["sample_shard", "sample"]}
+GROUPED = {"features": ["features_shard", "features"], "tokenize": ["tokenize_shard", "tokenize"],
+           "sample": ["sample_shard", "sample"]}
 
 
 def snakemake(*args, cwd=REPO):
@@ -21,18 +25,17 @@ def snakemake(*args, cwd=REPO):
 
 
 def planned_jobs(output: str) -> dict[str, dict[str, list[str]]]:
-    """Parse a dry run's job listing: rule -> {'input': [...], 'output': [...]}."""
+    """Parse a dry run's job listing: rule -> {'input': [...], 'output': [...]}, over all its jobs."""
     jobs = {}
     for block in re.split(r"\n(?=(?:localrule|rule) )", output):
         head = re.match(r"(?:localrule|rule) (\w+):", block)
         if not head:
             continue
-        fields = {"input": [], "output": []}
+        fields = jobs.setdefault(head.group(1), {"input": [], "output": []})
         for key in fields:
             m = re.search(rf"^\s+{key}: (.+)$", block, re.M)
             if m:
-                fields[key] = [p.strip() for p in m.group(1).split(",")]
-        jobs[head.group(1)] = fields
+                fields[key] += [p.strip() for p in m.group(1).split(",")]
     return jobs
 
 
@@ -46,7 +49,7 @@ def fake_imagenet(root: Path, classes=("n01440764", "n01443537")):
 def test_dry_run_plans_every_stage_of_the_demo(in_tmp):
     result = snakemake("-n", "--configfile", str(REPO / "config/config.yaml"), "-d", str(in_tmp))
     assert result.returncode == 0, result.stderr
-    assert set(planned_jobs(result.stdout)) == RULES | {"all"}
+    assert set(planned_jobs(result.stdout)) == RULES - TARGETS | {"all"}
 
 
 @pytest.mark.parametrize("name", ["imagenet-base", "imagenet-large"])
@@ -58,11 +61,13 @@ def test_imagenet_configs_plan(in_tmp, name):
     result = snakemake("-n", "--configfile", "c.yaml", "-d", str(in_tmp), cwd=in_tmp)
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
-    assert set(jobs) == RULES - {"synthesize"} | {"all"}
+    assert set(jobs) == RULES - TARGETS - {"synthesize"} | {"all"}
     assert jobs["prepare"]["input"] == [str(in_tmp / "imagenet")]
     assert jobs["report"]["output"][0] == f"results/{name}/metrics.json"
-    shards = re.findall(r"rule sample_shard:\n(?:.*\n)*?\s+wildcards: shard=(\d+)", result.stdout)
-    assert sorted(map(int, shards)) == list(range(config["sample"]["shards"])) and len(shards) == 50
+    for rule, count in (("features_shard", config["kmeans"]["feature_shards"]),
+                        ("tokenize_shard", config["tokenize"]["shards"]), ("sample_shard", 50)):
+        shards = re.findall(rf"rule {rule}:\n(?:.*\n)*?\s+wildcards: shard=(\d+)", result.stdout)
+        assert sorted(map(int, shards)) == list(range(count)), rule
 
 
 def test_bad_config_key_stops_snakemake_and_cli(in_tmp):
@@ -99,7 +104,7 @@ def test_dvc_stages_mirror_the_snakemake_rules(in_tmp):
     grouped = {rule for rules in GROUPED.values() for rule in rules}
     assert set(stages) == RULES - grouped | set(GROUPED)
 
-    dry = snakemake("-n", "--configfile", str(REPO / "config/config.yaml"), "-d", str(in_tmp))
+    dry = snakemake("-n", "--configfile", str(REPO / "config/config.yaml"), "-d", str(in_tmp), "all", *TARGETS)
     jobs = planned_jobs(dry.stdout)
     sys.path.insert(0, str(REPO / "workflow" / "rules"))
     stage_params = _stage_params()
@@ -110,15 +115,18 @@ def test_dvc_stages_mirror_the_snakemake_rules(in_tmp):
     def paths(entries):
         return sorted(resolve(next(iter(e)) if isinstance(e, dict) else e) for e in entries)
 
+    # the shards of a target-only group are one DVC output: their folder
+    folder_of = {out: os.path.dirname(out) for target in TARGETS for out in jobs[GROUPED[target][0]]["output"]}
     for name, stage in stages.items():
         rules = " ".join(GROUPED.get(name, [name]))
         assert f"--allowed-rules {rules} --forcerun {rules} -- {name}" in stage["cmd"], name
         deps = [d for d in paths(stage.get("deps", [])) if not d.startswith("digit/")]
-        made_inside = {out for rule in GROUPED.get(name, [name]) for out in jobs[rule]["output"]}
-        inputs = {i for rule in GROUPED.get(name, [name]) for i in jobs[rule]["input"]} - made_inside
+        made_inside = {folder_of.get(o, o) for rule in GROUPED.get(name, [name]) for o in jobs[rule]["output"]}
+        inputs = {folder_of.get(i, i) for rule in GROUPED.get(name, [name]) for i in jobs[rule]["input"]} - made_inside
         assert deps == sorted(inputs), name
         outs = paths(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []))
-        assert outs == sorted(jobs[name]["output"]), name
+        made = jobs[name]["output"] or made_inside  # a target-only rule: its shards' folder
+        assert outs == sorted(made), name
         (params,) = stage["params"]
         assert params["config/config.yaml"] == stage_params[name], name
         for dep in stage.get("deps", []):
