@@ -11,6 +11,7 @@ import importlib
 import sys
 import time
 
+from digit import launch
 from digit.compare import FORMATS, compare_table
 from digit.config import ConfigError, check_feasible, load_config
 from digit.io import DiskFullError
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="experiment config YAML")
         for flag, flag_help in flags:
             p.add_argument(flag, required=True, help=flag_help)
+        if name in launch.STAGES:
+            launch.add_arguments(p)
     return parser
 
 
@@ -117,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = [getattr(args, flag.lstrip("-").replace("-", "_")) for flag, _ in flags]
     start = time.perf_counter()
     try:
-        func(config, *paths)
+        if args.stage in launch.STAGES:
+            launch.run(func, config, paths, launch.from_args(args))
+        else:
+            func(config, *paths)
     except (ValueError, FileNotFoundError, DiskFullError) as e:
         print(f"digit {args.stage}: error: {e}", file=sys.stderr)
         return 1

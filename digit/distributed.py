@@ -2,14 +2,26 @@
 
 Both launchers set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment;
 without them training runs in this one process.
+
+A launcher asks the training to stop (a time limit or a preemption is near) by setting
+`stop_requested`; the training loops check it between steps, agree on it across processes, write a
+checkpoint and raise Stopped.
 """
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+stop_requested = threading.Event()
+
+
+class Stopped(Exception):
+    """Training stopped between two steps, after writing a checkpoint that the next run resumes from."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,14 @@ class Processes:
             dist.all_reduce(value)
             value /= self.world_size
         return value
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set in any of the processes."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor(float(flag), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
 
 def setup(device: torch.device) -> tuple[Processes, torch.device]:

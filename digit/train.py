@@ -2,8 +2,9 @@
 
 Stage 1 (run_train_ar): class token -> discriminative tokens. Stage 2 (run_train_decoder):
 [sem tokens, sep] -> VQ tokens of the same image view. Each step draws images and one of their
-cached views at random. Checkpoints go to `<out_dir>.partial/`; running the same command again
-resumes there, and `out_dir` appears only when training has finished.
+cached views at random. Checkpoints go to `<out_dir>.partial/` (every checkpoint_every steps, and
+when a launcher asks the run to stop); running the same command again resumes there, and `out_dir`
+appears only when training has finished.
 
 Under torchrun or submitit the loop runs data-parallel (DistributedDataParallel). Every process
 draws the same global batch from the same generator and trains on its own slice of it, in
@@ -189,6 +190,8 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, draw, cache
     log = (partial / "log.tsv").open("a") if procs.is_main else contextlib.nullcontext()
     with log:
         while step < tc["steps"]:
+            if procs.any(distributed.stop_requested.is_set()):
+                _stop(procs, partial, model, optimizer, generator, step, stage)
             step += 1
             start = time.perf_counter()
             # the global batch: the same draws in every process, whatever the split
@@ -237,6 +240,15 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, draw, cache
         print(f"{stage}: {step} steps, final loss {loss:.4f}")
     procs.barrier()
     distributed.teardown(procs)
+
+
+def _stop(procs, partial: Path, model: GPT, optimizer, generator: torch.Generator, step: int, stage: str) -> None:
+    """Checkpoint the finished steps and raise Stopped (the launcher asked; every process calls this)."""
+    if procs.is_main:
+        with atomic_dir(partial / "checkpoint") as tmp:
+            _write_checkpoint(tmp, model, optimizer, generator, step)
+    procs.barrier()
+    raise distributed.Stopped(f"{stage}: stopped after step {step}, checkpoint in {partial}")
 
 
 # how the run is executed, not what it computes: a checkpoint may resume under other values

@@ -10,6 +10,8 @@ codebook in use.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from digit import distributed
 from digit.config import resolve_device
 from digit.data import ImageDataset, load_manifest, random_batches, to_float, to_uint8
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
@@ -234,6 +237,9 @@ def run_train_vq(config: dict, manifest_path: str | Path, out_dir: str | Path) -
     manifest = load_manifest(manifest_path)
     model = build_vq(vq).to(device)
     use_bf16 = vq["precision"] == "bf16"
+    partial = Path(out_dir).with_name(Path(out_dir).name + ".partial")
+    if vq["weights"] == "train":
+        model, final = _train(model, config, manifest, device, partial)
     with atomic_dir(out_dir) as tmp:
         if vq["weights"] == "file":
             from digit.vqgan_weights import load_pretrained
@@ -241,7 +247,7 @@ def run_train_vq(config: dict, manifest_path: str | Path, out_dir: str | Path) -
             (tmp / "log.tsv").write_text(LOG_HEADER)
             final = None
         else:
-            model, final = _train(model, config, manifest, device, tmp / "log.tsv")
+            shutil.copy(partial / "log.tsv", tmp / "log.tsv")
         model.eval()
         save_file(model.state_dict(), tmp / "model.safetensors")
         val = _evaluate(model, manifest, size, device, use_bf16, tmp / "recon.png")
@@ -251,6 +257,7 @@ def run_train_vq(config: dict, manifest_path: str | Path, out_dir: str | Path) -
             "weights": vq["weights"], "steps": vq["steps"] if final else 0, "final": final, "val": val,
             "provenance": provenance({"seed": config["seed"], "data": config["data"], "vq": vq}, inputs),
         })
+    shutil.rmtree(partial, ignore_errors=True)
     print(f"train-vq: val L1 {val['recon_l1']:.4f}, PSNR {val['psnr']:.2f} dB, codebook usage {val['usage']:.2f} "
           f"(perplexity {val['perplexity']:.1f})")
 
@@ -258,11 +265,17 @@ def run_train_vq(config: dict, manifest_path: str | Path, out_dir: str | Path) -
 LOG_HEADER = "step\tloss\trecon\tcommit\tperceptual\tgenerator\tdiscriminator\tusage\tperplexity\timages_per_s\n"
 
 
-def _train(model: VQModel, config: dict, manifest: dict, device, log_path: Path) -> tuple[VQModel, dict]:
+def _train(model: VQModel, config: dict, manifest: dict, device, partial: Path) -> tuple[VQModel, dict]:
     """L1 reconstruction + VQ loss (+ perceptual, + adversarial after vq.adversarial_start), Adam with
     cosine decay, dead codes restarted. Returns the model to keep (the EMA one if vq.ema_decay > 0)
-    and the last logged means."""
+    and the last logged means.
+
+    The log and checkpoints (every vq.checkpoint_every steps, and when a launcher asks the run to
+    stop) go to `partial`, where running it again resumes. A resumed run draws its batches afresh
+    (seeded by the step): it matches an uninterrupted run in distribution, not bit for bit."""
     vq, size = config["vq"], config["data"]["image_size"]
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("train-vq trains in one process: launch it with one task (gpus_per_node: 1)")
     optimizer = torch.optim.Adam(model.parameters(), lr=vq["lr"], betas=(0.5, 0.9))
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / vq["steps"]))  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
@@ -273,15 +286,24 @@ def _train(model: VQModel, config: dict, manifest: dict, device, log_path: Path)
         d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=vq["lr"], betas=(0.5, 0.9))
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(vq["ema_decay"]))
            if vq["ema_decay"] > 0 else None)
-    batches = random_batches(manifest, size, vq["batch_size"], config["seed"])
     use_bf16 = vq["precision"] == "bf16"
     generator = torch.Generator().manual_seed(config["seed"])
     zero = torch.zeros((), device=device)
+    # everything a resumed run needs, by name
+    state = {"model": model, "optimizer": optimizer, "schedule": schedule}
+    if adversarial:
+        state |= {"discriminator": discriminator, "d_optimizer": d_optimizer}
+    if ema is not None:
+        state["ema"] = ema
+    first = _resume(partial, vq, state, generator)
+    batches = random_batches(manifest, size, vq["batch_size"], config["seed"] + first - 1)
 
-    with log_path.open("w") as log:
-        log.write(LOG_HEADER)
+    with (partial / "log.tsv").open("a") as log:
         window, window_indices, start = [], [], time.perf_counter()
-        for step in range(1, vq["steps"] + 1):
+        for step in range(first, vq["steps"] + 1):
+            if distributed.stop_requested.is_set():
+                _checkpoint(partial, state, generator, step - 1)
+                raise distributed.Stopped(f"train-vq: stopped after step {step - 1}, checkpoint in {partial}")
             images = to_float(next(batches)[0]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 recon, z, indices, vq_loss = model(images)
@@ -325,6 +347,8 @@ def _train(model: VQModel, config: dict, manifest: dict, device, log_path: Path)
                                                                                f"{rate:.1f}"]) + "\n")
                 log.flush()
                 window, window_indices, start = [], [], time.perf_counter()
+            if step % vq["checkpoint_every"] == 0 and step < vq["steps"]:
+                _checkpoint(partial, state, generator, step)
     final = dict(zip(("loss", "recon", "commit", "perceptual", "generator", "discriminator"), means))
     final |= {"usage": usage, "perplexity": perplexity}
     if ema is None:
@@ -332,6 +356,39 @@ def _train(model: VQModel, config: dict, manifest: dict, device, log_path: Path)
     # Restarts move codes abruptly, which an average would blur: the EMA model keeps the live codebook.
     ema.module.quantizer.load_state_dict(model.quantizer.state_dict())
     return ema.module, final
+
+
+def _resume(partial: Path, vq: dict, state: dict, generator: torch.Generator) -> int:
+    """Load the checkpoint in `partial` into `state`, or start `partial` afresh. Returns the first step to run."""
+    record = {key: value for key, value in vq.items() if key != "checkpoint_every"}  # how often may change
+    checkpoint = partial / "checkpoint"
+    if not checkpoint.is_dir():
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        (partial / "log.tsv").write_text(LOG_HEADER)
+        write_json(partial / "vq.json", record)
+        return 1
+    saved = read_json(partial / "vq.json")
+    if saved != record:
+        differ = sorted(k for k in record.keys() | saved.keys() if record.get(k) != saved.get(k))
+        raise ValueError(f"the checkpoint in {partial} was made with other vq.{', vq.'.join(differ)}; "
+                         f"delete {partial} to start over")
+    device = next(state["model"].parameters()).device
+    saved = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
+    for name, obj in state.items():
+        obj.load_state_dict(saved[name])
+    generator.set_state(saved["generator"].cpu())
+    # the log may run past the checkpoint: drop the rows of the steps that will be redone
+    rows = (partial / "log.tsv").read_text().splitlines(keepends=True)
+    (partial / "log.tsv").write_text("".join(rows[:1] + [r for r in rows[1:] if int(r.split("\t")[0]) <= saved["step"]]))
+    print(f"resuming from step {saved['step']} in {checkpoint}")
+    return saved["step"] + 1
+
+
+def _checkpoint(partial: Path, state: dict, generator: torch.Generator, step: int) -> None:
+    with atomic_dir(partial / "checkpoint") as tmp:
+        torch.save({name: obj.state_dict() for name, obj in state.items()}
+                   | {"generator": generator.get_state(), "step": step}, tmp / "state.pt")
 
 
 @torch.no_grad()

@@ -79,3 +79,41 @@ def digit(arguments):
         + arguments
         + f" --config {shlex.quote(CONFIGFILE)} > {{log:q}} 2>&1"
     )
+
+
+# The training rules' `digit --launcher` flags, from the rule's resources in the profile:
+# launcher (slurm | local: a submitit job, which this local rule waits for), nodes, gpus_per_node,
+# tasks_per_node, cpus_per_task, mem_mb, runtime, slurm_partition, constraint, slurm_account,
+# signal_delay_s, max_requeues. Without `launcher` the rule trains in its own process.
+LAUNCH_FLAGS = {
+    "nodes": "--nodes",
+    "gpus_per_node": "--gpus-per-node",
+    "tasks_per_node": "--tasks-per-node",
+    "cpus_per_task": "--cpus-per-task",
+    "mem_mb": "--mem-mb",
+    "runtime": "--timeout-min",
+    "slurm_partition": "--partition",
+    "constraint": "--constraint",
+    "slurm_account": "--account",
+    "signal_delay_s": "--signal-delay-s",
+    "max_requeues": "--max-requeues",
+}
+
+
+def launch(rule_name):
+    def flags(wildcards, resources):
+        launcher = resources.get("launcher", "direct")
+        if launcher == "direct":
+            if workflow.non_local_exec:
+                raise WorkflowError(
+                    f"rule {rule_name} runs on the submitting machine: give it resources "
+                    "launcher: slurm (and its nodes, GPUs, partition) in the profile's set-resources"
+                )
+            return ""
+        args = ["--launcher", launcher, "--job-dir", f"{R}/logs/{rule_name}_jobs"]
+        for key, flag in LAUNCH_FLAGS.items():
+            if key in resources.keys():
+                args += [flag, str(resources[key])]
+        return shlex.join(args)
+
+    return flags

@@ -7,14 +7,16 @@ rule train_ar:
         f"{R}/tokens",
     output:
         directory(f"{R}/stage1"),
+    localrule: True  # it trains here, or submits the training and waits (common.smk: launch)
     params:
         config=stage_params("train_ar"),
+        launch=launch("train_ar"),
     log:
         f"{R}/logs/train_ar.log",
     conda:
         "../../environment.yml"
     shell:
-        digit("train-ar --tokens {input:q} --out {output:q}")
+        digit("train-ar --tokens {input:q} --out {output:q} {params.launch}")
 
 
 rule train_decoder:
@@ -23,15 +25,18 @@ rule train_decoder:
         vq_tokens=f"{R}/vq_tokens",
     output:
         directory(f"{R}/stage2"),
+    localrule: True  # it trains here, or submits the training and waits (common.smk: launch)
     params:
         config=stage_params("train_decoder"),
+        launch=launch("train_decoder"),
     log:
         f"{R}/logs/train_decoder.log",
     conda:
         "../../environment.yml"
     shell:
         digit(
-            "train-decoder --tokens {input.tokens:q} --vq-tokens {input.vq_tokens:q} --out {output:q}"
+            "train-decoder --tokens {input.tokens:q} --vq-tokens {input.vq_tokens:q} --out {output:q} "
+            "{params.launch}"
         )
 
 

@@ -6,14 +6,16 @@ rule train_vq:
         f"{R}/prepare",
     output:
         directory(f"{R}/vq"),
+    localrule: True  # it trains here, or submits the training and waits (common.smk: launch)
     params:
         config=stage_params("train_vq"),
+        launch=launch("train_vq"),
     log:
         f"{R}/logs/train_vq.log",
     conda:
         "../../environment.yml"
     shell:
-        digit("train-vq --manifest {input:q}/manifest.json --out {output:q}")
+        digit("train-vq --manifest {input:q}/manifest.json --out {output:q} {params.launch}")
 
 
 rule tokenize_vq:
