@@ -19,7 +19,8 @@ from torch import nn
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a timm-layout state dict into `model`; every key must match both ways."""
+    """Load a state dict into `model`, in timm's layout or in that of Meta's DINOv2 checkpoints
+    (`dinov2_vitb14_reg4_pretrain.pth`: converted by timm's own filter); every key must match both ways."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights file {path} (config key encoder.weights_file) does not exist")
@@ -27,7 +28,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         state_dict = safetensors.torch.load_file(path)
     else:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    # timm's own filter resamples the position embedding to the configured img_size (518 -> 224).
+    # timm's own filter converts Meta's layout (register_tokens, class position in pos_embed, SwiGLU
+    # w12/w3) and resamples the position embedding to the configured img_size (518 -> 224).
     state_dict = checkpoint_filter_fn(state_dict, model)
     problem = f"encoder weights file {path} (encoder.weights_file) does not fit {type(model).__name__}"
     try:

@@ -102,3 +102,50 @@ def test_missing_weights_file_names_file_and_key(tiny_config, tmp_path):
     path = tmp_path / "nope.safetensors"
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors.*encoder\.weights_file"):
         create_model(fp32(tiny_config, weights="file", weights_file=str(path)))
+
+
+def official_layout(state: dict, registers: bool, swiglu: bool = False) -> dict:
+    """A timm DINOv2 state dict in the layout of Meta's checkpoints (dinov2_vitb14_reg4_pretrain.pth):
+    the class token's position is part of pos_embed, registers are `register_tokens`, a `mask_token`
+    is kept, and SwiGLU MLPs are `w12`/`w3`."""
+    out = {}
+    for key, value in state.items():
+        if swiglu:
+            key = key.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3.")
+        out[key] = value.clone()
+    dim = state["cls_token"].shape[-1]
+    out["mask_token"] = torch.zeros(1, dim)
+    if registers:
+        class_position = torch.randn(1, 1, dim)
+        out["register_tokens"] = out.pop("reg_token")
+        out["cls_token"] = state["cls_token"] - class_position
+        out["pos_embed"] = torch.cat([class_position, state["pos_embed"]], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("arch,registers", [("vit_small_patch14_reg4_dinov2", True),
+                                            ("vit_small_patch14_dinov2", False),
+                                            ("vit_giant_patch14_reg4_dinov2", True)])  # SwiGLU MLP
+def test_official_dinov2_checkpoint_gives_the_same_features(tiny_config, tmp_path, arch, registers):
+    tiny_config["encoder"]["arch"] = arch
+    tiny_config["seed"] = 7
+    source = create_model(tiny_config)
+    path = tmp_path / "dinov2_pretrain.pth"
+    torch.save(official_layout(source.state_dict(), registers, swiglu="giant" in arch), path)
+    assert "mask_token" in torch.load(path, weights_only=True)
+    tiny_config["seed"] = 0
+    loaded = FeatureEncoder(fp32(tiny_config, weights="file", weights_file=str(path)))
+    tiny_config["seed"] = 7
+    expected = FeatureEncoder(fp32(tiny_config))
+    x = images()
+    torch.testing.assert_close(loaded(x), expected(x), rtol=1e-5, atol=1e-5)
+    assert loaded.identity["weights_sha256"] == expected.identity["weights_sha256"]
+
+
+def test_official_checkpoint_of_another_size_is_refused(tiny_config, tmp_path):
+    state = official_layout(create_model(tiny_config).state_dict(), registers=True)
+    state["blocks.9.norm1.weight"] = torch.ones(48)  # a deeper model's block
+    path = tmp_path / "dinov2_deeper.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"unexpected keys \['blocks\.9\.norm1\.weight'\]"):
+        create_model(fp32(tiny_config, weights="file", weights_file=str(path)))
