@@ -77,9 +77,9 @@ def _encoder_grid(enc: dict) -> tuple[list[int], int]:
     return ([size, size] if isinstance(size, int) else list(size)), patch
 
 
-def _value_problems(config: dict, counts: tuple[int, int] | None) -> list[str]:
+def _value_problems(config: dict, counts: tuple[int, int, int] | None) -> list[str]:
     """Values that some stage would reject after the ones before it ran; `counts` (train images,
-    classes) enables the checks that depend on the data."""
+    val images, classes) enables the checks that depend on the data."""
     problems = []
     for stage in ("stage1", "stage2"):
         batch, accum = config[stage]["batch_size"], config[stage]["grad_accum_steps"]
@@ -98,13 +98,17 @@ def _value_problems(config: dict, counts: tuple[int, int] | None) -> list[str]:
     patches = math.prod(side // patch for side in enc_size)
     if counts is None:
         return problems
-    train_images, classes = counts
+    train_images, val_images, classes = counts
     km = config["kmeans"]
-    vectors = max(1, round(km["sample_fraction"] * train_images)) * patches
-    if km["k"] > vectors:
-        problems.append(f"key 'kmeans.k': {km['k']} clusters but K-means gets only {vectors} patch features "
-                        f"(kmeans.sample_fraction {km['sample_fraction']} of {train_images} train images x "
-                        f"{patches} patches); lower kmeans.k or raise kmeans.sample_fraction")
+    sampled = max(1, round(km["sample_fraction"] * train_images))
+    if km["k"] > sampled * patches:
+        problems.append(f"key 'kmeans.k': {km['k']} clusters but K-means gets only {sampled * patches} patch "
+                        f"features (kmeans.sample_fraction {km['sample_fraction']} of {train_images} train images "
+                        f"x {patches} patches); lower kmeans.k or raise kmeans.sample_fraction")
+    for key, shards, items in (("kmeans.feature_shards", km["feature_shards"], sampled),
+                               ("tokenize.shards", config["tokenize"]["shards"], train_images + val_images)):
+        if shards > items:
+            problems.append(f"key '{key}': {shards} shards but only {items} images to split")
     batch_keys = ["classifier.batch_size"] + (["vq.batch_size"] if config["vq"]["weights"] == "train" else [])
     for key in batch_keys:
         section, name = key.split(".")
@@ -138,13 +142,14 @@ def check_feasible(config: dict, source: str = "config", machine: bool = True, g
 
     Always: batch sizes that do not divide, image sizes the encoder patches or the VQ downsampling do
     not divide, and (for the synthetic set, whose size the config gives) K-means' K against its sample,
-    batch sizes and sample shards against the data. With `machine`, also what this machine must hold:
+    batch sizes and shard counts against the data. With `machine`, also what this machine must hold:
     the image folder (counted, not read, for the data checks), the weight files the config names, and,
     with `gpu`, a CUDA device when `device: cuda`.
     """
     if config["data"]["source"] == "synthetic":
         spec = config["data"]["synthetic"]
-        counts = (spec["num_classes"] * spec["train_per_class"], spec["num_classes"])
+        counts = (spec["num_classes"] * spec["train_per_class"], spec["num_classes"] * spec["val_per_class"],
+                  spec["num_classes"])
     else:
         counts = None
     problems = []

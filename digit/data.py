@@ -173,16 +173,17 @@ def _scan(root: Path, split: str) -> tuple[dict[str, list[Path]], list[Path]]:
     return classes, other
 
 
-def count_images(root: str | Path) -> tuple[int, int]:
-    """(train images, classes) of an image folder as prepare finds them, without opening a file: for
-    the checks before a run (digit.config.check_feasible), fast on a folder of a million images."""
+def count_images(root: str | Path) -> tuple[int, int, int]:
+    """(train images, val images, train classes) of an image folder as prepare finds them, without
+    opening a file: for the checks before a run (digit.config.check_feasible), fast on a million images."""
+    per_class = {}
     for split in SPLITS:
         if not (Path(root) / split).is_dir():
             raise FileNotFoundError(f"image folder {root} has no '{split}/' directory")
-    per_class = [sum(Path(name).suffix.lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(entry.path)
-                     for name in files)
-                 for entry in os.scandir(Path(root) / "train") if entry.is_dir()]
-    return sum(per_class), sum(n > 0 for n in per_class)
+        per_class[split] = [sum(Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                                for _, _, files in os.walk(entry.path) for name in files)
+                            for entry in os.scandir(Path(root) / split) if entry.is_dir()]
+    return sum(per_class["train"]), sum(per_class["val"]), sum(n > 0 for n in per_class["train"])
 
 
 def run_prepare(config: dict, data_root: str | Path, out_dir: str | Path) -> None:

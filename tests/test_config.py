@@ -65,7 +65,7 @@ def test_k_against_a_folder_is_checked_by_counting_its_files(tiny_config, tmp_pa
                 (tmp_path / split / name / "sub" / f"{i}.JPEG").write_bytes(b"")
     (tmp_path / "train" / "a" / "notes.txt").write_text("")
     (tmp_path / "train" / "empty").mkdir()
-    assert count_images(tmp_path) == (10, 2)
+    assert count_images(tmp_path) == (10, 2, 2)
     config = folder_config(tiny_config, tmp_path)
     config["kmeans"].update(k=161, sample_fraction=1.0)  # 10 images x 16 patches
     check_feasible(config, machine=False)  # planning does not read the data
@@ -74,11 +74,15 @@ def test_k_against_a_folder_is_checked_by_counting_its_files(tiny_config, tmp_pa
     check_feasible(config)
 
 
-def test_batches_and_sample_shards_against_the_data(tiny_config):
+def test_batches_and_shards_against_the_data(tiny_config):
     tiny_config["classifier"]["batch_size"] = 25  # 24 train images
     tiny_config["vq"]["batch_size"] = 30
     tiny_config["sample"].update(per_class=2, batch_size=4, shards=3)  # 6 samples: 2 blocks
+    tiny_config["kmeans"].update(sample_fraction=0.5, feature_shards=13)  # 12 images sampled
+    tiny_config["tokenize"]["shards"] = 37  # 24 train + 12 val images
     message = problems(tiny_config, machine=False)
+    assert "key 'kmeans.feature_shards': 13 shards but only 12 images to split" in message
+    assert "key 'tokenize.shards': 37 shards but only 36 images to split" in message
     assert "key 'classifier.batch_size': 25 is more than the 24 train images" in message
     assert "key 'vq.batch_size': 30 is more than the 24 train images" in message
     assert "key 'sample.shards': 3 shards but only 2 blocks of sample.batch_size 4" in message
