@@ -21,11 +21,11 @@ def assign(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid of each row of x [M, D] in codebook [K, D]: LongTensor [M].
 
     argmin ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is the same for every centroid, so it is left out.
-    One addmm (||c||^2 - 2 x.c) per chunk of rows, into one reused [rows, K] buffer of about 16 MB:
-    no temporaries beside the GEMM, and the buffer is still in cache when argmin reads it.
+    One addmm (||c||^2 - 2 x.c) per chunk of rows into one reused [rows, K] buffer, so no [rows, K]
+    temporaries; chunks of 2^24 distances, as fewer rows would repack the codebook for too little work.
     """
     codebook_sq = codebook.pow(2).sum(1)
-    rows = max(1, (1 << 22) // len(codebook))
+    rows = max(1, (1 << 24) // len(codebook))
     distances = x.new_empty(min(rows, len(x)), len(codebook))
     ids = torch.empty(len(x), dtype=torch.long, device=x.device)
     for part, out in zip(x.split(rows), ids.split(rows)):
