@@ -87,15 +87,9 @@ def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: st
     uint16 [n, V, T] for every view of `tokenize.views`, <split>_labels.npy, and meta.json."""
     device, shard, tc = resolve_device(config), int(shard), config["tokenize"]
     manifest = load_manifest(manifest_path)
-    codebook, info = load_codebook(codebook_dir)
     encoder = FeatureEncoder(config).to(device)
-    if codebook.shape[1] != encoder.dim:
-        raise ValueError(f"codebook in {codebook_dir} has dim {codebook.shape[1]} but the encoder of the config "
-                         f"({config['encoder']['arch']}, encoder.overrides) has dim {encoder.dim}")
+    codebook, info = load_codebook_for(encoder, config, codebook_dir)
     size, views = config["data"]["image_size"], tc["views"]
-    check_cache_matches({**info["encoder"], "image_size": info["image_size"]},
-                        {**encoder.identity, "image_size": size},
-                        source=f"codebook {codebook_dir} (made with another encoder or image size; re-run features)")
     codebook = torch.from_numpy(codebook).to(device)
     num_tokens = encoder.grid[0] * encoder.grid[1]
     total = sum(len(manifest["splits"][split]) for split in SPLITS)
