@@ -99,7 +99,7 @@ def run(target, config: dict, paths: list, launch: Launch) -> None:
 
 
 def executor(launch: Launch) -> submitit.AutoExecutor:
-    ex = submitit.AutoExecutor(folder=Path(launch.job_dir) / "%j", cluster=launch.launcher,
+    ex = submitit.AutoExecutor(folder=launch.job_dir, cluster=launch.launcher,
                                slurm_max_num_timeout=launch.max_requeues, local_max_num_timeout=launch.max_requeues)
     ex.update_parameters(name="digit", nodes=launch.nodes, tasks_per_node=launch.tasks,
                          gpus_per_node=launch.gpus_per_node or None, cpus_per_task=launch.cpus_per_task,
