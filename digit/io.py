@@ -124,7 +124,7 @@ def code_version() -> str:
 def provenance(config_subset: dict, inputs: dict[str, str | Path] | None = None) -> dict:
     """What made an artifact: the config keys that shaped it, input hashes, code and packages."""
     packages = {}
-    for name in ("digit", "torch", "timm", "faiss-cpu", "numpy", "torch-fidelity"):
+    for name in ("digit", "torch", "torchvision", "timm", "faiss-cpu", "numpy", "pillow", "torch-fidelity"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             packages[name] = metadata.version(name)
     return {

@@ -33,7 +33,7 @@ onstart:
 R = f"results/{config['experiment']}"
 SYNTHETIC = config["data"]["source"] == "synthetic"
 DATA = f"{R}/data" if SYNTHETIC else config["data"]["root"]
-REPORT_OUTPUTS = [f"{R}/metrics.json", f"{R}/grid.png"] + [
+REPORT_OUTPUTS = [f"{R}/metrics.json", f"{R}/grid.png", f"{R}/report.json"] + [
     f"{R}/curves/{name}.tsv" for name in ("vq", "stage1", "stage2", "probe")
 ]
 STABILITY_OUTPUTS = [f"{R}/stability/stability.{ext}" for ext in ("tsv", "png", "json")]
