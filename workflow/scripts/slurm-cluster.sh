@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A single-node SLURM cluster on this machine, for trying the SLURM profile and the submitit
 # launcher without a real cluster (tests/test_slurm.py uses it).
-#   workflow/scripts/slurm-cluster.sh start    # install (Debian, as root), configure, start; waits for the node
+#   workflow/scripts/slurm-cluster.sh install  # the Debian packages, if missing (as root)
+#   workflow/scripts/slurm-cluster.sh start    # install, configure, start; waits for the node
 #   workflow/scripts/slurm-cluster.sh status   # sinfo and squeue
 #   workflow/scripts/slurm-cluster.sh stop     # cancel its jobs and stop the daemons
 # The node is this machine (hostname -s) with its real CPUs and memory, in every partition of
@@ -125,8 +126,9 @@ status() {
 }
 
 case "${1:-}" in
+  install) install ;;
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) die "usage: $0 start|stop|status" ;;
+  *) die "usage: $0 install|start|stop|status" ;;
 esac
