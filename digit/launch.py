@@ -3,9 +3,10 @@ machine (submitit's local executor), with one process per task and the caller wa
 
 A submitit job runs nodes x tasks_per_node processes; submitit's TorchDistributedEnvironment exports
 the torch.distributed variables that digit/distributed.py joins, so they train data-parallel.
-Before a time limit or a preemption SLURM sends the job a signal (signal_delay_s ahead). The training
-loops then stop at the next step, every process at the same one, and write a checkpoint; submitit's
-own handler requeues the job (at most max_requeues times), which resumes from that checkpoint.
+SLURM signals the job signal_delay_s before its time limit (and on preemption, where the cluster
+is set to: PreemptParameters=send_user_signal). The training loops then stop at the next step,
+every process at the same one, and write a checkpoint; submitit's own handler requeues the job (at
+most max_requeues times after a time limit), and the next run resumes from that checkpoint.
 """
 from __future__ import annotations
 

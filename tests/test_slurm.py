@@ -167,7 +167,7 @@ def test_demo_through_the_slurm_profile(slurm, tmp_path):
         resources.update(small)
         if "launcher" in resources:
             resources["nodes"] = 1
-    profile["set-threads"] = {}
+    profile["set-threads"] = {rule: 1 for rule in profile["set-threads"]}
     profile["slurm-init-seconds-before-status-checks"] = 2
     (tmp_path / "profile").mkdir()
     (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
