@@ -106,7 +106,7 @@ def launch(rule_name):
         if launcher == "direct":
             if workflow.non_local_exec:
                 raise WorkflowError(
-                    f"rule {rule_name} runs on the submitting machine: give it resources "
+                    f"{rule_name} would train on the submitting machine; give it resources "
                     "launcher: slurm (and its nodes, GPUs, partition) in the profile's set-resources"
                 )
             return ""
