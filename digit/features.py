@@ -16,7 +16,7 @@ import torchvision.transforms.v2.functional as TF
 from digit.config import resolve_device
 from digit.data import load_image, load_manifest
 from digit.encoders import FeatureEncoder, encode_batches
-from digit.io import atomic_dir, provenance, sha256_file, write_json
+from digit.io import atomic_dir, open_memmap_for_writing, provenance, sha256_file, write_json
 from digit.shards import read_shard_records, shard_range
 
 
@@ -63,7 +63,7 @@ def run_features_shard(config: dict, manifest_path: str | Path, shard: str | int
     shape = (len(positions), encoder.grid[0] * encoder.grid[1], encoder.dim)
     with atomic_dir(out_dir) as tmp:
         # Written through a memmap: the features of a large shard never sit in memory at once.
-        features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
+        features = open_memmap_for_writing(tmp / "features.npy", np.float16, shape)
         offset = 0
         for batch, _ in encode_batches(encoder, dataset, config["encoder"]["batch_size"]):
             features[offset:offset + len(batch)] = batch.cpu().numpy()

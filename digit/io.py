@@ -81,6 +81,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def open_memmap_for_writing(path: str | Path, dtype, shape: tuple) -> np.memmap:
+    """A new .npy file mapped for writing, its blocks reserved on disk first: a full disk is then an
+    ENOSPC error here, which the atomic writers name, not a SIGBUS when a page of the map is written."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without it: map as is
+                raise
+    return array
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -13,7 +13,7 @@ import torch
 from digit.config import resolve_device
 from digit.data import SPLITS, ImageDataset, load_manifest
 from digit.encoders import FeatureEncoder, encode_batches
-from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.io import atomic_dir, open_memmap_for_writing, provenance, read_json, sha256_file, write_json
 from digit.shards import read_shard_records, shard_range
 
 
@@ -96,8 +96,7 @@ def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: st
     ranges = split_ranges(manifest, shard_range(total, tc["shards"], shard, "tokenize.shards"))
     with atomic_dir(out_dir) as tmp:
         for split, part in ranges.items():
-            tokens = np.lib.format.open_memmap(tmp / f"{split}.npy", mode="w+", dtype=np.uint16,
-                                               shape=(len(part), len(views), num_tokens))
+            tokens = open_memmap_for_writing(tmp / f"{split}.npy", np.uint16, (len(part), len(views), num_tokens))
             for v, view in enumerate(views):
                 dataset = torch.utils.data.Subset(ImageDataset(manifest, split, size, view=view), part)
                 offset = 0
@@ -130,8 +129,7 @@ def run_tokenize(config: dict, shards_dir: str | Path, out_dir: str | Path) -> N
             covered = [tuple(r["ranges"][split]) for r in records]
             if any(a[1] != b[0] for a, b in zip(covered, covered[1:])) or covered[0][0] != 0:
                 raise ValueError(f"the tokenize shards in {shards_dir} do not cover {split} once each: {covered}")
-            tokens = np.lib.format.open_memmap(tmp / f"{split}.npy", mode="w+", dtype=np.uint16,
-                                               shape=(covered[-1][1], *parts[0].shape[1:]))
+            tokens = open_memmap_for_writing(tmp / f"{split}.npy", np.uint16, (covered[-1][1], *parts[0].shape[1:]))
             for (start, stop), part in zip(covered, parts):
                 tokens[start:stop] = part
             tokens.flush()

@@ -26,7 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from digit import distributed
 from digit.config import resolve_device
 from digit.data import ImageDataset, load_manifest, random_batches, to_float, to_uint8
-from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.io import atomic_dir, open_memmap_for_writing, provenance, read_json, sha256_file, write_json
 from digit.vq_losses import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_discriminator_loss
 
 LOG_EVERY = 10  # steps per log row; also the window in which an unused code counts as dead
@@ -445,8 +445,7 @@ def run_tokenize_vq(config: dict, manifest_path: str | Path, vq_dir: str | Path,
     with atomic_dir(out_dir) as tmp:
         for split in ("train", "val"):
             n = len(manifest["splits"][split])
-            tokens = np.lib.format.open_memmap(tmp / f"{split}.npy", mode="w+", dtype=np.uint16,
-                                               shape=(n, len(views), grid[0] * grid[1]))
+            tokens = open_memmap_for_writing(tmp / f"{split}.npy", np.uint16, (n, len(views), grid[0] * grid[1]))
             for v, view in enumerate(views):
                 dataset = ImageDataset(manifest, split, size, view=view)
                 loader = torch.utils.data.DataLoader(dataset, batch_size=config["tokenize"]["batch_size"])

@@ -4,6 +4,7 @@ no partial output under the final name, and no temporary left behind.
 The disk is a real 64 KiB tmpfs mounted for the test (it needs root); where mounting fails, the
 writers are made to raise ENOSPC instead (injection), and the test says so in its output."""
 import errno
+import os
 import subprocess
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 import yaml
 
 from digit.cli import main
-from digit.io import DiskFullError, atomic_dir, read_json, save_npy, write_json
+from digit.io import DiskFullError, atomic_dir, open_memmap_for_writing, read_json, save_npy, write_json
 
 
 class Disk:
@@ -117,3 +118,17 @@ def test_a_stage_on_a_full_disk_says_so_and_keeps_its_last_output(disk, manifest
     assert "disk full" in error and str(out) in error
     assert (out / "manifest.json").read_bytes() == before
     assert disk.leftovers() == [] and not list(disk.root.glob(".prepare.*"))
+
+
+def test_memmap_larger_than_the_disk(disk, monkeypatch):
+    """Token and feature shards are written through a memory map: its blocks are reserved up front, so a
+    full disk is an error naming the output, not a SIGBUS when a page of the map is written."""
+    if not disk.tmpfs:
+        def full(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(DiskFullError, match=r"disk full.*tokens"):
+        with atomic_dir(disk.root / "tokens") as tmp:
+            tokens = open_memmap_for_writing(tmp / "train.npy", np.uint16, (1000, 2, 256))  # 1 MB
+            tokens[:] = 1
+    assert not (disk.root / "tokens").exists() and disk.leftovers() == []
