@@ -16,7 +16,7 @@ same thread count for every library. Printed:
 
     pip install -e '.[bench]'
     python benchmarks/kmeans.py                       # D=768, K=1024, N=65536, 10 iterations, all cores
-    python benchmarks/kmeans.py --dim 384 --k 4096 --n 262144 --iterations 20 --threads 1
+    python benchmarks/kmeans.py --dim 384 --k 2048 --n 131072 --iterations 5 --threads 1
 """
 from __future__ import annotations
 

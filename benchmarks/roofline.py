@@ -33,8 +33,8 @@ def load_average() -> str:
 
 
 def clustered_features(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
-    """float32 [n, dim]: a Gaussian mixture standing in for patch features (well separated, unequal
-    spreads), so that K-means inertia and nearest-centroid ties behave as on real features."""
+    """float32 [n, dim]: a Gaussian mixture of `clusters` components with unequal spreads, standing in
+    for patch features: clustered data, so that K-means has structure to find, unlike plain noise."""
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((clusters, dim), dtype=np.float32)
     spread = rng.uniform(0.3, 0.8, clusters).astype(np.float32)
@@ -45,7 +45,7 @@ def clustered_features(n: int, dim: int, clusters: int, seed: int) -> np.ndarray
 
 def gemm_runs(m: int, k: int, n: int, device: torch.device) -> dict:
     """Plain fp32 [m, k] x [k, n] products into a preallocated output: torch's, and on the CPU numpy's
-    too (torch links MKL, numpy OpenBLAS; the roofline is the faster)."""
+    too (another BLAS: MKL in torch's wheel, OpenBLAS in numpy's; the roofline is the faster)."""
     a = torch.randn(m, k, device=device)
     b = torch.randn(n, k, device=device)
     out = torch.empty(m, n, device=device)
