@@ -113,7 +113,11 @@ class FeatureEncoder(nn.Module):
 def encode_batches(encoder: FeatureEncoder, dataset: torch.utils.data.Dataset, batch_size: int):
     """Yield (features [B, T, D] float32 on the encoder's device, labels) over `dataset` in order."""
     device = encoder.mean.device
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=min(8, os.cpu_count() // 2),
+    cpus = len(os.sched_getaffinity(0))  # the cores this job was given (SLURM's cpus_per_task), not the node's
+    # On a GPU the main process only feeds the device, so every other core decodes images; on the
+    # CPU the encoder needs cores too, so half of them decode.
+    workers = cpus - 1 if device.type == "cuda" else cpus // 2
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     for images, labels in loader:
         yield encoder(images.to(device, non_blocking=True)), labels

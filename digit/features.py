@@ -84,17 +84,18 @@ def run_features_shard(config: dict, manifest_path: str | Path, shard: str | int
     print(f"features shard {shard}/{km['feature_shards']}: {shape[0]} images x {shape[1]} patches x {shape[2]} dims")
 
 
-def load_feature_shards(config: dict, features_dir: str | Path) -> tuple[list[np.ndarray], dict]:
-    """The memory-mapped features.npy of every shard in order, and shard 0's meta.json, after
-    checking that the shards are complete, from one run, and made under this config."""
+def load_feature_shards(config: dict, features_dir: str | Path) -> tuple[list[Path], dict]:
+    """The features.npy of every shard in order, and shard 0's meta.json, after checking that the
+    shards are complete, from one run, made under this config, and of the recorded shapes."""
     features_dir = Path(features_dir)
     records = read_shard_records(features_dir, config["kmeans"]["feature_shards"], feature_settings(config),
                                  "features")
-    arrays = []
+    paths = []
     for shard, record in enumerate(records):
-        array = np.load(features_dir / str(shard) / "features.npy", mmap_mode="r")
-        if list(array.shape) != record["shape"] or record["positions"][1] - record["positions"][0] != len(array):
-            raise ValueError(f"{features_dir / str(shard) / 'features.npy'} has shape {list(array.shape)}, "
-                             f"but its meta.json records {record['shape']}; re-run that features shard")
-        arrays.append(array)
-    return arrays, records[0]
+        path = features_dir / str(shard) / "features.npy"
+        shape = list(np.load(path, mmap_mode="r").shape)  # reads the header only
+        if shape != record["shape"] or record["positions"][1] - record["positions"][0] != shape[0]:
+            raise ValueError(f"{path} has shape {shape}, but its meta.json records {record['shape']}; "
+                             "re-run that features shard")
+        paths.append(path)
+    return paths, records[0]

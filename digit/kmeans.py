@@ -5,12 +5,10 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 
 from digit.config import resolve_device
 from digit.features import load_feature_shards
 from digit.io import atomic_dir, provenance, save_npy, sha256_file, write_json
-from digit.tokens import assign
 
 
 def train_codebook(sample: np.ndarray, km: dict, gpu: bool) -> tuple[np.ndarray, list[float]]:
@@ -21,19 +19,30 @@ def train_codebook(sample: np.ndarray, km: dict, gpu: bool) -> tuple[np.ndarray,
     return kmeans.centroids.astype(np.float32), [float(x) for x in kmeans.obj]
 
 
-def read_sample(shards: list[np.ndarray], rows: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+def read_sample(paths: list[Path], rows: np.ndarray, block_bytes: int = 1 << 22) -> np.ndarray:
     """float32 [len(rows), D]: the patch vectors `rows` (sorted, numbered across the shards in order)
-    of float16 [n_i, T, D] shards. Filled a chunk at a time, so that only the float32 sample and one
-    chunk, never a shard, sit in memory."""
-    d = shards[0].shape[2]
-    sample = np.empty((len(rows), d), dtype=np.float32)
-    starts = np.cumsum([0] + [a.shape[0] * a.shape[1] for a in shards])
-    for i, array in enumerate(shards):
-        lo, hi = np.searchsorted(rows, [starts[i], starts[i + 1]])
-        vectors = array.reshape(-1, d)
-        for c in range(lo, hi, chunk):
-            part = rows[c:min(c + chunk, hi)] - starts[i]
-            sample[c:c + len(part)] = vectors[part]
+    of float16 [n_i, T, D] .npy shards. The files are read a block at a time, not mapped, so that only
+    the sample and one block ever count against this job's memory, however large the shards are."""
+    sample, start = None, 0
+    for path in paths:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)(f)
+            count, d = shape[0] * shape[1], shape[2]
+            if sample is None:
+                sample = np.empty((len(rows), d), dtype=np.float32)
+            block = max(1, block_bytes // (d * dtype.itemsize))
+            lo, hi = np.searchsorted(rows, [start, start + count])
+            data = f.tell()
+            while lo < hi:
+                first = (rows[lo] - start) // block * block  # the block holding the next wanted row
+                stop = min(hi, np.searchsorted(rows, start + first + block))
+                f.seek(data + first * d * dtype.itemsize)
+                vectors = np.fromfile(f, dtype=dtype, count=min(block, count - first) * d).reshape(-1, d)
+                sample[lo:stop] = vectors[rows[lo:stop] - start - first]
+                lo = stop
+        start += count
     return sample
 
 
@@ -42,7 +51,7 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
     km = config["kmeans"]
     features_dir = Path(features_dir)
     shards, meta = load_feature_shards(config, features_dir)
-    n, t, d = meta["num_images"], shards[0].shape[1], shards[0].shape[2]
+    n, t, d = meta["num_images"], *meta["shape"][1:]
     k = km["k"]
     if k > n * t:
         raise ValueError(f"kmeans.k is {k} but {features_dir} holds only {n * t} feature vectors "
@@ -58,8 +67,9 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
     device = resolve_device(config)
     codebook, inertia = train_codebook(sample, km, gpu=device.type == "cuda" and faiss.get_num_gpus() > 0)
 
-    ids = assign(torch.from_numpy(sample).to(device), torch.from_numpy(codebook).to(device))
-    counts = torch.bincount(ids, minlength=k).cpu().numpy()
+    # faiss's exact search works in blocks of queries: no [N, K] distance matrix beside the sample
+    _, ids = faiss.knn(sample, codebook, 1)
+    counts = np.bincount(ids.ravel(), minlength=k)
     p = counts[counts > 0] / counts.sum()
     with atomic_dir(out_dir) as tmp:
         save_npy(tmp / "codebook.npy", codebook)

@@ -43,12 +43,17 @@ def test_features_do_not_depend_on_batch_size_or_shards(tiny_config, in_tmp, man
     assert np.abs(a - c).mean() > 10 * np.abs(a - b).mean() + 0.05
 
 
-def test_read_sample_gathers_rows_across_shards():
+@pytest.mark.parametrize("block_bytes", [6, 30, 1 << 20])  # one row, a few rows, whole shards per read
+def test_read_sample_gathers_rows_across_shards(tmp_path, block_bytes):
     rng = np.random.default_rng(0)
     shards = [rng.standard_normal((n, 4, 3)).astype(np.float16) for n in (5, 1, 7)]
+    paths = []
+    for i, array in enumerate(shards):
+        paths.append(tmp_path / f"{i}.npy")
+        np.save(paths[-1], array)
     rows = np.sort(rng.choice(13 * 4, 20, replace=False))
     expected = np.concatenate(shards).reshape(-1, 3)[rows].astype(np.float32)
-    assert np.array_equal(read_sample(shards, rows, chunk=3), expected)
+    assert np.array_equal(read_sample(paths, rows, block_bytes=block_bytes), expected)
 
 
 def test_missing_or_foreign_features_shard_is_named(tiny_config, in_tmp, manifest):
