@@ -103,7 +103,7 @@ def test_two_process_submitit_job_trains_the_weights_of_one_process(launcher, sl
     assert f"submitted {launcher} job" in output and "1 node(s) x 2 process(es)" in output
     assert log_steps(tmp_path / "stage1") == list(range(1, 9))
     assert_same_weights(tmp_path / "direct", tmp_path / "stage1")
-    (log,) = (tmp_path / "jobs").glob("*_0_log.err")
+    (log,) = (tmp_path / "jobs").glob("*_0_log.out")  # submitit logs INFO to stdout
     assert "global_rank=0(2)" in log.read_text() and len(list((tmp_path / "jobs").glob("*_1_result.pkl"))) == 1
 
 
