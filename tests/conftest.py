@@ -9,6 +9,7 @@ import pytest
 from digit.config import load_config, validate
 from digit.data import run_prepare, run_synthesize
 from digit.features import run_features_shard
+from digit.kmeans import run_kmeans
 from digit.tokens import run_tokenize, run_tokenize_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,3 +75,13 @@ def manifest(tmp_path_factory) -> Path:
     run_synthesize(config, root / "data")
     run_prepare(config, root / "data", root / "prepare")
     return root / "prepare" / "manifest.json"
+
+
+@pytest.fixture(scope="session")
+def codebook(tmp_path_factory, manifest) -> Path:
+    """A K-means codebook of the tiny config's features of the tiny images, made once per test run."""
+    root = tmp_path_factory.mktemp("codebook")
+    config = shrink(load_config(REPO / "config" / "config.yaml"))
+    extract_features(config, manifest, root / "features")
+    run_kmeans(config, root / "features", root / "codebook")
+    return root / "codebook"

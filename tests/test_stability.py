@@ -9,10 +9,9 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, extract_features, shrink
+from conftest import REPO, shrink
 from digit.cli import main
 from digit.config import load_config
-from digit.kmeans import run_kmeans
 from digit.stability import add_noise, run_stability, unit_noise
 from digit.vq import run_train_vq
 
@@ -20,15 +19,13 @@ SNR_DB = [60, 40, 20, 10, 0, -10, -20]
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory, manifest):
+def tokenizers(tmp_path_factory, manifest, codebook):
     """A K-means codebook of the tiny encoder's features and a VQ model trained on the tiny images."""
     root = tmp_path_factory.mktemp("tokenizers")
     config = shrink(load_config(REPO / "config" / "config.yaml"))
-    extract_features(config, manifest, root / "features")
-    run_kmeans(config, root / "features", root / "codebook")
     config["vq"]["steps"] = 40  # enough for dead-code restarts to spread the codes in use
     run_train_vq(config, manifest, root / "vq")
-    return manifest, root / "codebook", root / "vq"
+    return manifest, codebook, root / "vq"
 
 
 @pytest.fixture

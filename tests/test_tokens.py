@@ -6,23 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, extract_features, shrink, tokenize_all
-from digit.config import load_config
+from conftest import tokenize_all
 from digit.data import ImageDataset, load_manifest
 from digit.encoders import FeatureEncoder
 from digit.io import sha256_file
-from digit.kmeans import run_kmeans
 from digit.tokens import assign, check_cache_matches, load_token_cache, run_tokenize, run_tokenize_shard
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, manifest):
+@pytest.fixture
+def inputs(manifest, codebook):
     """The tiny manifest and a K-means codebook of its features."""
-    root = tmp_path_factory.mktemp("inputs")
-    config = shrink(load_config(REPO / "config" / "config.yaml"))
-    extract_features(config, manifest, root / "features")
-    run_kmeans(config, root / "features", root / "codebook")
-    return manifest, root / "codebook"
+    return manifest, codebook
 
 
 @pytest.mark.parametrize("k", [7, 2048])  # 2048: 9000 rows take several GEMM chunks
