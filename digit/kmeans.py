@@ -59,9 +59,10 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
     # faiss would subsample to max_points_per_centroid * K points anyway; drawing that sample here
     # means only it, not the whole feature set, is ever read and copied to float32 in memory.
     limit = k * km["max_points_per_centroid"]
-    rows = np.arange(n * t)
-    if len(rows) > limit:
-        rows = np.sort(np.random.default_rng(km["seed"]).choice(len(rows), limit, replace=False))
+    if n * t > limit:
+        rows = np.sort(np.random.default_rng(km["seed"]).choice(n * t, limit, replace=False))
+    else:
+        rows = np.arange(n * t)
     sample = read_sample(shards, rows)
 
     device = resolve_device(config)
