@@ -6,6 +6,7 @@ file that changes after preparation is caught by its hash, not silently used.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import struct
@@ -306,15 +307,22 @@ class ImageDataset(torch.utils.data.Dataset):
         return image, entry["label"]
 
 
-def random_batches(manifest: dict, size: int, batch_size: int, seed: int):
-    """Endless shuffled batches of train images (uint8), each image flipped with probability 1/2."""
+def random_batches(manifest: dict, size: int, batch_size: int, seed: int, first_step: int = 1):
+    """Endless batches of train images (uint8) and labels, from training step `first_step` on: a new
+    shuffle each epoch, each image flipped with probability 1/2. The batch of step s depends only on
+    (seed, s), so a run resumed at step s draws exactly what an uninterrupted run would have."""
     dataset = ImageDataset(manifest, "train", size)
-    if len(dataset) < batch_size:
+    per_epoch = len(dataset) // batch_size  # an epoch's last partial batch is dropped
+    if per_epoch == 0:
         raise ValueError(f"batch size {batch_size} is larger than the train split ({len(dataset)} images)")
-    generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                         generator=generator)
-    while True:
-        for images, labels in loader:
-            flip = torch.rand(len(images), generator=generator) < 0.5
-            yield torch.where(flip[:, None, None, None], images.flip(-1), images), labels
+    epoch = None
+    for step in itertools.count(first_step):
+        if (step - 1) // per_epoch != epoch:
+            epoch = (step - 1) // per_epoch
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+            order = torch.randperm(len(dataset), generator=generator)
+            flips = torch.rand(len(dataset), generator=generator) < 0.5
+        batch = slice((step - 1) % per_epoch * batch_size, ((step - 1) % per_epoch + 1) * batch_size)
+        images, labels = zip(*(dataset[i] for i in order[batch].tolist()))
+        images = torch.stack(images)
+        yield torch.where(flips[batch, None, None, None], images.flip(-1), images), torch.tensor(labels)

@@ -21,15 +21,17 @@ def assign(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid of each row of x [M, D] in codebook [K, D]: LongTensor [M].
 
     argmin ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is the same for every centroid, so it is left out.
-    One addmm (||c||^2 - 2 x.c) per chunk of rows into one reused [rows, K] buffer, so no [rows, K]
+    One addmm (||c||^2 + x.(-2c)) per chunk of rows into one reused [rows, K] buffer, so no [rows, K]
     temporaries; chunks of 2^24 distances, as fewer rows would repack the codebook for too little work.
+    The codebook is scaled by -2 once (exact in floating point), not by addmm's alpha in every chunk.
     """
     codebook_sq = codebook.pow(2).sum(1)
+    minus_two_codebook_t = (codebook * -2).T
     rows = max(1, (1 << 24) // len(codebook))
     distances = x.new_empty(min(rows, len(x)), len(codebook))
     ids = torch.empty(len(x), dtype=torch.long, device=x.device)
     for part, out in zip(x.split(rows), ids.split(rows)):
-        torch.argmin(torch.addmm(codebook_sq, part, codebook.T, alpha=-2, out=distances[:len(part)]), 1, out=out)
+        torch.argmin(torch.addmm(codebook_sq, part, minus_two_codebook_t, out=distances[:len(part)]), 1, out=out)
     return ids
 
 

@@ -271,8 +271,9 @@ def _train(model: VQModel, config: dict, manifest: dict, device, partial: Path) 
     and the last logged means.
 
     The log and checkpoints (every vq.checkpoint_every steps, and when a launcher asks the run to
-    stop) go to `partial`, where running it again resumes. A resumed run draws its batches afresh
-    (seeded by the step): it matches an uninterrupted run in distribution, not bit for bit."""
+    stop) go to `partial`, where running it again resumes: the batches depend only on the step, and
+    a checkpoint holds the steps of the log row in progress, so the result is that of an
+    uninterrupted run, bit for bit on the same machine."""
     vq, size = config["vq"], config["data"]["image_size"]
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("train-vq trains in one process: launch it with one task (gpus_per_node: 1)")
@@ -295,14 +296,16 @@ def _train(model: VQModel, config: dict, manifest: dict, device, partial: Path) 
         state |= {"discriminator": discriminator, "d_optimizer": d_optimizer}
     if ema is not None:
         state["ema"] = ema
-    first = _resume(partial, vq, state, generator)
-    batches = random_batches(manifest, size, vq["batch_size"], config["seed"] + first - 1)
+    # the losses and code indices of the steps since the last log row
+    window, window_indices = [], []
+    first = _resume(partial, vq, state, generator, window, window_indices)
+    batches = random_batches(manifest, size, vq["batch_size"], config["seed"], first_step=first)
 
     with (partial / "log.tsv").open("a") as log:
-        window, window_indices, start = [], [], time.perf_counter()
+        start, timed = time.perf_counter(), 0
         for step in range(first, vq["steps"] + 1):
             if distributed.stop_requested.is_set():
-                _checkpoint(partial, state, generator, step - 1)
+                _checkpoint(partial, state, generator, window, window_indices, step - 1)
                 raise distributed.Stopped(f"train-vq: stopped after step {step - 1}, checkpoint in {partial}")
             images = to_float(next(batches)[0]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -335,6 +338,7 @@ def _train(model: VQModel, config: dict, manifest: dict, device, partial: Path) 
                 ema.update_parameters(model)
             window.append(torch.stack([loss, recon_loss, vq_loss, perceptual_loss, generator_loss, d_loss]).detach())
             window_indices.append(indices)
+            timed += 1
             if step % LOG_EVERY == 0 or step == vq["steps"]:
                 means = torch.stack(window).mean(0).tolist()
                 seen = torch.cat(window_indices)
@@ -342,13 +346,13 @@ def _train(model: VQModel, config: dict, manifest: dict, device, partial: Path) 
                 if step < vq["steps"]:
                     used = torch.bincount(seen.flatten(), minlength=vq["codebook_size"]) > 0
                     model.quantizer.restart_dead(used, z.detach(), generator)
-                rate = len(window) * vq["batch_size"] / (time.perf_counter() - start)
+                rate = timed * vq["batch_size"] / (time.perf_counter() - start)
                 log.write("\t".join([str(step)] + [f"{m:.5f}" for m in means] + [f"{usage:.4f}", f"{perplexity:.2f}",
                                                                                f"{rate:.1f}"]) + "\n")
                 log.flush()
-                window, window_indices, start = [], [], time.perf_counter()
+                window, window_indices, start, timed = [], [], time.perf_counter(), 0
             if step % vq["checkpoint_every"] == 0 and step < vq["steps"]:
-                _checkpoint(partial, state, generator, step)
+                _checkpoint(partial, state, generator, window, window_indices, step)
     final = dict(zip(("loss", "recon", "commit", "perceptual", "generator", "discriminator"), means))
     final |= {"usage": usage, "perplexity": perplexity}
     if ema is None:
@@ -358,8 +362,10 @@ def _train(model: VQModel, config: dict, manifest: dict, device, partial: Path) 
     return ema.module, final
 
 
-def _resume(partial: Path, vq: dict, state: dict, generator: torch.Generator) -> int:
-    """Load the checkpoint in `partial` into `state`, or start `partial` afresh. Returns the first step to run."""
+def _resume(partial: Path, vq: dict, state: dict, generator: torch.Generator, window: list,
+            window_indices: list) -> int:
+    """Load the checkpoint in `partial` into `state`, the generator and the log window, or start
+    `partial` afresh. Returns the first step to run."""
     record = {key: value for key, value in vq.items() if key != "checkpoint_every"}  # how often may change
     checkpoint = partial / "checkpoint"
     if not checkpoint.is_dir():
@@ -378,6 +384,8 @@ def _resume(partial: Path, vq: dict, state: dict, generator: torch.Generator) ->
     for name, obj in state.items():
         obj.load_state_dict(saved[name])
     generator.set_state(saved["generator"].cpu())
+    window.extend(saved["window"].unbind())
+    window_indices.extend(saved["window_indices"].unbind())
     # the log may run past the checkpoint: drop the rows of the steps that will be redone
     rows = (partial / "log.tsv").read_text().splitlines(keepends=True)
     (partial / "log.tsv").write_text("".join(rows[:1] + [r for r in rows[1:] if int(r.split("\t")[0]) <= saved["step"]]))
@@ -385,10 +393,15 @@ def _resume(partial: Path, vq: dict, state: dict, generator: torch.Generator) ->
     return saved["step"] + 1
 
 
-def _checkpoint(partial: Path, state: dict, generator: torch.Generator, step: int) -> None:
+def _checkpoint(partial: Path, state: dict, generator: torch.Generator, window: list, window_indices: list,
+                step: int) -> None:
     with atomic_dir(partial / "checkpoint") as tmp:
         torch.save({name: obj.state_dict() for name, obj in state.items()}
-                   | {"generator": generator.get_state(), "step": step}, tmp / "state.pt")
+                   | {"generator": generator.get_state(), "step": step,
+                      "window": torch.stack(window) if window else torch.empty(0, 6),
+                      "window_indices": (torch.stack(window_indices) if window_indices
+                                         else torch.empty(0, dtype=torch.long))},
+                   tmp / "state.pt")
 
 
 @torch.no_grad()

@@ -176,12 +176,6 @@ def test_killed_stage_reruns_to_the_output_of_an_uninterrupted_run(built, stage,
     if stage in TRAINING:
         assert f"resuming from step {RESUMED_FROM[len(KILLS[stage])]} in" in done.stdout, done.stdout
         assert not (tmp_path / "out.partial").exists()
-    if stage == "train-vq":
-        # a resumed VQ run draws its batches afresh: the same training, not the same bits
-        model = json.loads((out / "model.json").read_text())
-        assert model["steps"] == 5 and model["final"] is not None
-        assert [row.split("\t")[0] for row in (out / "log.tsv").read_text().splitlines()] == ["step", "5"]
-        return
     for name in files(expected):
         if stage == "evaluate" and name == "metrics.json":
             # the reference statistics were cached by the uninterrupted run

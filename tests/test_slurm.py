@@ -72,8 +72,10 @@ def test_a_stopped_run_checkpoints_and_the_next_one_finishes_it(tiny_config, tok
     assert_same_weights(tmp_path / "whole", tmp_path / "stage1")
 
 
-def test_vq_training_resumes_from_its_checkpoint(tiny_config, manifest, tmp_path, monkeypatch):
+def test_vq_training_stopped_mid_log_row_resumes_to_the_weights_of_an_uninterrupted_run(tiny_config, manifest,
+                                                                                       tmp_path, monkeypatch):
     tiny_config["vq"].update(steps=30, checkpoint_every=10)
+    run_train_vq(tiny_config, manifest, tmp_path / "whole")
     monkeypatch.setattr(distributed.stop_requested, "is_set", iter([False] * 15 + [True]).__next__)
     with pytest.raises(distributed.Stopped, match="after step 15"):
         run_train_vq(tiny_config, manifest, tmp_path / "vq")
@@ -81,6 +83,11 @@ def test_vq_training_resumes_from_its_checkpoint(tiny_config, manifest, tmp_path
     monkeypatch.undo()
     run_train_vq(tiny_config, manifest, tmp_path / "vq")
     assert log_steps(tmp_path / "vq") == [10, 20, 30] and not (tmp_path / "vq.partial").exists()
+    whole, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "vq"))
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    losses = [[row.split("\t")[:-1] for row in (tmp_path / run / "log.tsv").read_text().splitlines()]
+              for run in ("whole", "vq")]
+    assert losses[0] == losses[1]  # every column but images/s
 
 
 def assert_same_weights(a, b):
