@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def built(tmp_path_factory, manifest):
     run_sample(config, root / "sample_shards", root / "samples")
     run_train_classifier(config, manifest, root / "classifier")
     run_evaluate(config, root / "samples", manifest, root / "classifier", root / "evaluate")
+    shutil.rmtree(root / "fidelity-cache")  # for the evaluate test to kill while it is written again
     return root, manifest
 
 
@@ -76,13 +78,20 @@ STAGES = {
     "evaluate": ({"--samples": "samples", "--manifest": "manifest", "--classifier": "classifier"}, "evaluate"),
 }
 
-# stage -> the kills in a row, each (signal, atomic_dir name, point, n-th time), then one run to the end
-# ("out" is the stage's output; a training checkpoint is written every 2 steps, the last at step 4).
-# The runs that follow a checkpoint kill must say they resume from the step given last.
+# stage -> the kills in a row, each (signal, output name or "*", point, n-th time; see kill_hook), then
+# one run to the end ("out" is the stage's output; a training checkpoint is written every 2 steps, the
+# last at step 4). The runs that follow a checkpoint kill must say they resume from the step given last.
 KILLS = {stage: [(signal.SIGKILL, "out", "enter", 1), (signal.SIGTERM, "out", "rename", 1)]
-         for stage in ("kmeans", "tokenize", "sample", "evaluate")}
-KILLS |= {stage: [(signal.SIGKILL, "out", "rename", 1)]
-          for stage in ("features-shard", "tokenize-shard", "sample-shard")}
+         for stage in ("kmeans", "tokenize", "sample")}
+KILLS |= {"features-shard": [(signal.SIGTERM, "out", "enter", 1), (signal.SIGKILL, "*", "batch", 1),
+                             (signal.SIGKILL, "out", "rename", 1)],
+          "tokenize-shard": [(signal.SIGTERM, "out", "enter", 1), (signal.SIGKILL, "*", "batch", 2),
+                             (signal.SIGKILL, "out", "rename", 1)],
+          "sample-shard": [(signal.SIGTERM, "out", "enter", 1), (signal.SIGKILL, "*", "png", 1),
+                           (signal.SIGKILL, "out", "rename", 1)],
+          # killed between two files of the reference statistics: the next run must recompute them
+          "evaluate": [(signal.SIGKILL, "out", "enter", 1), (signal.SIGKILL, "*", "cache", 1),
+                       (signal.SIGTERM, "out", "rename", 1)]}
 KILLS |= {stage: [(signal.SIGKILL, "checkpoint", "exit", 1), (signal.SIGTERM, "checkpoint", "exit", 1),
                   (signal.SIGKILL, "out", "rename", 1)] for stage in TRAINING}
 RESUMED_FROM = [None, 2, 4, 4]  # training: the step each run of a stage resumes from
@@ -178,7 +187,7 @@ def test_killed_stage_reruns_to_the_output_of_an_uninterrupted_run(built, stage,
         assert not (tmp_path / "out.partial").exists()
     for name in files(expected):
         if stage == "evaluate" and name == "metrics.json":
-            # the reference statistics were cached by the uninterrupted run
+            # the run killed at the rename recomputed what the cache kill left and cached all of it
             got, want = (json.loads((d / name).read_text()) for d in (out, expected))
             assert got.pop("reference_statistics") == "cached"
             want.pop("reference_statistics")

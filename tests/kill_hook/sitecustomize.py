@@ -1,37 +1,75 @@
 """Loaded by the Python of a stage that tests/test_kill.py starts (this folder is put first on its
-PYTHONPATH). With KILL_PAUSE="<name>:<point>:<n>" it stops the process for good at the n-th time an
-atomic_dir of an output named <name> reaches <point>, after writing the file KILL_MARKER, so that the
-test can kill it there whatever the machine's load:
+PYTHONPATH), directly or as a Snakemake job. With KILL_PAUSE="<name>:<point>:<n>" it stops the
+process for good the n-th time it reaches <point>, after writing the file KILL_MARKER, so that the
+test can kill it there whatever the machine's load. Points of an atomic_dir whose output path ends
+in <name> (a pattern for Path.match: "out", "features/1"):
   enter: its temporary directory has just appeared, empty;
   rename: everything is written into the temporary directory, not yet renamed onto the output;
   exit: the output is in place (a training checkpoint, say).
+Points inside a stage's work (<name> is not used):
+  batch: the encoder has just given a batch's features (feature and tokenize shards);
+  png: a sample image has just been written (sample shards);
+  cache: torch-fidelity has just cached one of the reference statistics (evaluate).
 """
 import contextlib
+import functools
 import os
 import time
 from pathlib import Path
 
 if "KILL_PAUSE" in os.environ:
-    import digit.io
-
     name, point, nth = os.environ["KILL_PAUSE"].split(":")
-    seen = {"enter": 0, "rename": 0, "exit": 0}
-    atomic_dir = digit.io.atomic_dir
+    seen = 0
 
-    def reached(path, where):
-        if Path(path).name != name:
+    def reached(where: str, path: str | None = None) -> None:
+        global seen
+        if where != point or (path is not None and not Path(path).match(name)):
             return
-        seen[where] += 1
-        if where == point and seen[where] == int(nth):
-            Path(os.environ["KILL_MARKER"]).write_text(str(path))
+        seen += 1
+        if seen == int(nth):
+            Path(os.environ["KILL_MARKER"]).write_text(f"{where} {path or ''}")
             time.sleep(3600)  # until the test kills it
 
-    @contextlib.contextmanager
-    def paused_atomic_dir(path):
-        with atomic_dir(path) as tmp:
-            reached(path, "enter")
-            yield tmp
-            reached(path, "rename")
-        reached(path, "exit")
+    def after(function, where: str):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            result = function(*args, **kwargs)
+            reached(where)
+            return result
+        return wrapper
 
-    digit.io.atomic_dir = paused_atomic_dir
+    if point in ("enter", "rename", "exit"):
+        import digit.io
+
+        atomic_dir = digit.io.atomic_dir
+
+        @contextlib.contextmanager
+        def paused_atomic_dir(path):
+            with atomic_dir(path) as tmp:
+                reached("enter", path)
+                yield tmp
+                reached("rename", path)
+            reached("exit", path)
+
+        digit.io.atomic_dir = paused_atomic_dir
+    elif point == "batch":  # before the stages import it by name
+        import digit.encoders
+
+        encode_batches = digit.encoders.encode_batches
+
+        def paused_encode_batches(*args, **kwargs):
+            for batch in encode_batches(*args, **kwargs):
+                yield batch
+                reached("batch")
+
+        digit.encoders.encode_batches = paused_encode_batches
+    elif point == "png":
+        import digit.sample
+
+        digit.sample.save_png = after(digit.sample.save_png, "png")
+    elif point == "cache":
+        import torch_fidelity.utils
+
+        torch_fidelity.utils.torch_atomic_save = after(torch_fidelity.utils.torch_atomic_save, "cache")
+    else:
+        raise ValueError(f"KILL_PAUSE: unknown point {point!r}")
