@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,13 +48,43 @@ def _disk_full_names(path: Path) -> Iterator[None]:
         raise
 
 
+def _temporary_prefix(path: Path) -> str:
+    """The start of the name of `path`'s temporary siblings made by this process: the host and the
+    process id in it tell an abandoned one (its process is gone) from one being written."""
+    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Remove the temporary siblings of `path` left by killed processes of this host."""
+    host_prefix = f".{path.name}.{socket.gethostname()}."
+    for sibling in path.parent.glob(f"{glob.escape(host_prefix)}*.tmp"):
+        pid = sibling.name[len(host_prefix):].split(".")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if sibling.is_dir():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(path)
     with _disk_full_names(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -68,8 +100,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(path)
     with _disk_full_names(path):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         with _disk_full_names(path):
             yield tmp

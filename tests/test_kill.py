@@ -9,10 +9,12 @@ version, the same training logs but for their timings.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ import yaml
 
 from conftest import REPO, extract_features, shrink, tokenize_all
 from digit.config import load_config
+from digit.io import atomic_dir
 from digit.kmeans import run_kmeans
 from digit.metrics import run_evaluate, run_train_classifier
 from digit.sample import run_sample, run_sample_shard
@@ -109,7 +112,8 @@ def environment(**extra: str) -> dict:
     extra sets KILL_PAUSE."""
     env = {k: v for k, v in os.environ.items() if k not in ("KILL_PAUSE", "KILL_MARKER")}
     path = os.pathsep.join(filter(None, [str(HOOK), env.get("PYTHONPATH")]))
-    return env | {"PYTHONPATH": path} | extra
+    executables = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # for Snakemake's jobs
+    return env | {"PYTHONPATH": path, "PATH": executables} | extra
 
 
 def run_and_kill(args: list[str], cwd: Path, sig: int, name: str, point: str, nth: int) -> str:
@@ -138,7 +142,7 @@ def comparable(path: Path):
         return drop_code_version(json.loads(path.read_text()))
     if path.suffix == ".pt":  # torch.save's pickle is not byte-stable: a loaded optimizer pickles otherwise
         return tensors_as_bytes(torch.load(path, weights_only=True))
-    if path.name == "log.tsv":
+    if path.suffix == ".tsv" and path.read_text().startswith("step\t"):  # a training log, or its curve
         rows = [row.split("\t") for row in path.read_text().splitlines()]
         keep = [i for i, column in enumerate(rows[0]) if not column.endswith("_per_s")]
         return [[row[i] for i in keep] for row in rows]
@@ -194,3 +198,81 @@ def test_killed_stage_reruns_to_the_output_of_an_uninterrupted_run(built, stage,
             assert got == want
             continue
         assert comparable(out / name) == comparable(expected / name), f"{stage}: {name} differs"
+
+
+# The whole workflow, killed at points across its DAG and run again by the same command each time.
+# The signal goes to Snakemake and all its jobs: SIGKILL (a lost node), SIGTERM (scancel, a shutdown)
+# or SIGINT (Ctrl-C). (signal, output name or "*", point, n-th time), as in KILLS.
+WORKFLOW_KILLS = [
+    (signal.SIGKILL, "features/1", "rename", 1),
+    (signal.SIGTERM, "*", "batch", 2),  # inside a tokenize shard, or the probe's features
+    (signal.SIGKILL, "checkpoint", "exit", 1),  # whichever training checkpoints first
+    (signal.SIGINT, "sample_shards/1", "enter", 1),
+    (signal.SIGKILL, "evaluate", "rename", 1),
+]
+
+
+@pytest.mark.e2e
+def test_killed_workflow_reruns_to_the_outputs_of_an_uninterrupted_run(tmp_path):
+    config = shrink(load_config(REPO / "config" / "config.yaml"))
+    config["vq"].update(steps=5, checkpoint_every=2)
+    config["sample"]["shards"] = 2
+    config["evaluate"]["cache_dir"] = "cache"  # in each run's own directory
+    runs = {name: tmp_path / name for name in ("whole", "killed")}
+    for directory in runs.values():
+        directory.mkdir()
+        (directory / "tiny.yaml").write_text(yaml.safe_dump(config))
+    args = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--profile",
+            str(REPO / "workflow/profiles/default"), "--configfile", "tiny.yaml"]
+    workflow = lambda directory, *extra: subprocess.run(  # noqa: E731
+        args + list(extra), cwd=directory, capture_output=True, text=True, env=environment(), timeout=1800)
+    done = workflow(runs["whole"])
+    assert done.returncode == 0, done.stderr[-5000:]
+
+    killed = runs["killed"]
+    for sig, name, point, nth in WORKFLOW_KILLS:
+        marker = killed / "paused"
+        marker.unlink(missing_ok=True)
+        proc = subprocess.Popen(args, cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True,
+                                env=environment(KILL_PAUSE=f"{name}:{point}:{nth}", KILL_MARKER=str(marker)))
+        deadline = time.monotonic() + WAIT_S
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"never reached {name}:{point}:{nth}:\n{proc.communicate(timeout=60)[1][-5000:]}"
+        os.killpg(proc.pid, sig)
+        try:
+            proc.communicate(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # whatever is left of the run
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode != 0
+        if sig == signal.SIGKILL:  # Snakemake had no time to release its lock on the directory
+            unlock = workflow(killed, "--unlock")
+            assert unlock.returncode == 0, unlock.stderr[-5000:]
+    done = workflow(killed)
+    assert done.returncode == 0, done.stderr[-5000:]
+
+    whole, resumed = (runs[name] / "results" / "tiny" for name in ("whole", "killed"))
+    # all but the logs and Snakemake's empty timestamp files in directory outputs
+    outputs = [name for name in files(whole) if not name.startswith("logs/") and "snakemake_timestamp" not in name]
+    assert outputs == [name for name in files(resumed)
+                       if not name.startswith("logs/") and "snakemake_timestamp" not in name]
+    for name in outputs:
+        got, want = comparable(resumed / name), comparable(whole / name)
+        if name.endswith("metrics.json"):  # evaluate or upper_bound, whichever ran first, cached them
+            got.pop("reference_statistics", None), want.pop("reference_statistics", None)
+        assert got == want, f"{name} differs"
+
+
+def test_a_killed_process_temporary_output_is_removed_by_the_next_write_and_no_other(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead, live = (tmp_path / f".out.{host}.{pid}.x1.tmp" for pid in (finished.stdout.strip(), os.getpid()))
+    other_host, other_output = tmp_path / f".out.elsewhere.{finished.stdout.strip()}.x.tmp", tmp_path / ".outer.1.x.tmp"
+    for directory in (dead, live, other_host, other_output):
+        (directory / "part").mkdir(parents=True)
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "done").write_text("yes")
+    assert (tmp_path / "out" / "done").read_text() == "yes"
+    assert not dead.exists() and live.exists() and other_host.exists() and other_output.exists()
