@@ -137,9 +137,9 @@ def run_and_kill(args: list[str], cwd: Path, sig: int, name: str, point: str, nt
 
 def comparable(path: Path):
     """What of a file must not depend on the interruption: JSON without the code version (a checkout
-    may change between runs), logs without timings, and the bytes of everything else."""
+    may change between runs) or log hashes, logs without timings, and the bytes of everything else."""
     if path.suffix == ".json":
-        return drop_code_version(json.loads(path.read_text()))
+        return drop_run_specific(json.loads(path.read_text()))
     if path.suffix == ".pt":  # torch.save's pickle is not byte-stable: a loaded optimizer pickles otherwise
         return tensors_as_bytes(torch.load(path, weights_only=True))
     if path.suffix == ".tsv" and path.read_text().startswith("step\t"):  # a training log, or its curve
@@ -149,9 +149,10 @@ def comparable(path: Path):
     return path.read_bytes()
 
 
-def drop_code_version(obj):
+def drop_run_specific(obj):
+    """Without the code version and the hashes of training logs (their timings differ run to run)."""
     if isinstance(obj, dict):
-        return {k: drop_code_version(v) for k, v in obj.items() if k != "code_version"}
+        return {k: drop_run_specific(v) for k, v in obj.items() if k != "code_version" and not k.endswith("_log")}
     return obj
 
 
