@@ -307,6 +307,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return image, entry["label"]
 
 
+def keyed_seed(seed: int, key: int) -> int:
+    """A seed that depends only on (seed, key): for a draw that must not depend on how the work is
+    split into shards, batches or resumed runs."""
+    return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
+
+
 def random_batches(manifest: dict, size: int, batch_size: int, seed: int, first_step: int = 1):
     """Endless batches of train images (uint8) and labels, from training step `first_step` on: a new
     shuffle each epoch, each image flipped with probability 1/2. The batch of step s depends only on
@@ -319,7 +325,7 @@ def random_batches(manifest: dict, size: int, batch_size: int, seed: int, first_
     for step in itertools.count(first_step):
         if (step - 1) // per_epoch != epoch:
             epoch = (step - 1) // per_epoch
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+            generator = torch.Generator().manual_seed(keyed_seed(seed, epoch))
             order = torch.randperm(len(dataset), generator=generator)
             flips = torch.rand(len(dataset), generator=generator) < 0.5
         batch = slice((step - 1) % per_epoch * batch_size, ((step - 1) % per_epoch + 1) * batch_size)

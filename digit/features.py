@@ -14,7 +14,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
 from digit.config import resolve_device
-from digit.data import load_image, load_manifest
+from digit.data import keyed_seed, load_image, load_manifest
 from digit.encoders import FeatureEncoder, encode_batches
 from digit.io import atomic_dir, open_memmap_for_writing, provenance, sha256_file, write_json
 from digit.shards import read_shard_records, shard_range
@@ -37,7 +37,7 @@ class CropFlipViews(torch.utils.data.Dataset):
         entry = self.entries[index]
         image = TF.pil_to_tensor(load_image(entry["path"]))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.positions[index]]).generate_state(1)[0]))
+            torch.manual_seed(keyed_seed(self.seed, self.positions[index]))
             return self.transform(image), entry["label"]
 
 

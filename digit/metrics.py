@@ -271,8 +271,7 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
         cache_dir = Path(config["evaluate"]["cache_dir"])
         before = set(cache_dir.glob(f"{cache_name}-*"))
         metrics = fidelity_metrics(Path(samples_dir) / "images", reference, weights, batch_size,
-                                   device.type == "cuda", config["seed"], config["evaluate"]["cache_dir"],
-                                   reference_name=cache_name)
+                                   device.type == "cuda", config["seed"], cache_dir, reference_name=cache_name)
         # torch-fidelity recomputes all of a group of statistics when one is missing (a killed run's)
         cached = bool(before) and set(cache_dir.glob(f"{cache_name}-*")) == before
         metrics |= {

@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from digit.config import resolve_device
-from digit.data import to_uint8
+from digit.data import keyed_seed, to_uint8
 from digit.gpt import GPT, generate_masked
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
 from digit.shards import read_shard_records, shard_range
@@ -81,7 +81,7 @@ def shard_indices(num_samples: int, batch_size: int, shards: int, shard: int) ->
 
 def block_generator(seed: int, first_index: int, device) -> torch.Generator:
     """The random stream of the block of samples that starts at `first_index`."""
-    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0]))
+    return torch.Generator(device).manual_seed(keyed_seed(seed, first_index))
 
 
 def run_sample_shard(config: dict, stage1_dir: str | Path, stage2_dir: str | Path, vq_dir: str | Path,
