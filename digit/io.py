@@ -170,7 +170,8 @@ def code_version() -> str:
 def provenance(config_subset: dict, inputs: dict[str, str | Path] | None = None) -> dict:
     """What made an artifact: the config keys that shaped it, input hashes, code and packages."""
     packages = {}
-    for name in ("digit", "torch", "torchvision", "timm", "faiss-cpu", "numpy", "pillow", "torch-fidelity"):
+    faiss_builds = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11")  # whichever one is installed
+    for name in ("digit", "torch", "torchvision", "timm", *faiss_builds, "numpy", "pillow", "torch-fidelity"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             packages[name] = metadata.version(name)
     return {

@@ -1,6 +1,7 @@
 """Plain L2 K-means (faiss) of the sampled patch features: the codebook of the discriminative tokens."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import faiss
@@ -9,6 +10,9 @@ import numpy as np
 from digit.config import resolve_device
 from digit.features import load_feature_shards
 from digit.io import atomic_dir, provenance, save_npy, sha256_file, write_json
+
+# faiss-cpu and faiss-gpu-cu12 both install the module faiss; pip cannot hold both at once.
+FAISS_GPU_INSTALL = "pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12"
 
 
 def train_codebook(sample: np.ndarray, km: dict, gpu: bool) -> tuple[np.ndarray, list[float]]:
@@ -65,8 +69,13 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
         rows = np.arange(n * t)
     sample = read_sample(shards, rows)
 
-    device = resolve_device(config)
-    codebook, inertia = train_codebook(sample, km, gpu=device.type == "cuda" and faiss.get_num_gpus() > 0)
+    gpu = resolve_device(config).type == "cuda"
+    if gpu and faiss.get_num_gpus() == 0:
+        # a correct codebook, only slower: a warning, not an error
+        print(f"kmeans: warning: device is cuda but this faiss build sees no GPU (faiss-cpu?), so K-means "
+              f"runs on the CPU; for GPU K-means: {FAISS_GPU_INSTALL}", file=sys.stderr)
+        gpu = False
+    codebook, inertia = train_codebook(sample, km, gpu=gpu)
 
     # faiss's exact search works in blocks of queries: no [N, K] distance matrix beside the sample
     _, ids = faiss.knn(sample, codebook, 1)
@@ -86,6 +95,7 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
             "dim": d,
             "iterations": km["iterations"],
             "seed": km["seed"],
+            "faiss_device": "cuda" if gpu else "cpu",
             "codebook_sha256": sha256_file(tmp / "codebook.npy"),
             "inertia": inertia,
             "training_vectors": len(sample),
@@ -95,5 +105,5 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
             "provenance": provenance({"kmeans": km}, {f"features_{i}": features_dir / str(i) / "meta.json"
                                                       for i in range(len(shards))}),
         })
-    print(f"kmeans: K={k} on {len(sample)} vectors, inertia {inertia[0]:.4g} -> {inertia[-1]:.4g}, "
-          f"{int((counts == 0).sum())} dead clusters")
+    print(f"kmeans: K={k} on {len(sample)} vectors ({'GPU' if gpu else 'CPU'}), "
+          f"inertia {inertia[0]:.4g} -> {inertia[-1]:.4g}, {int((counts == 0).sum())} dead clusters")

@@ -76,6 +76,7 @@ def test_codebook_format_and_record(tiny_config, in_tmp, manifest):
     assert codebook.dtype == np.float32 and codebook.shape == (16, 48)
     assert info["codebook_sha256"] == sha256_file(in_tmp / "codebook" / "codebook.npy")
     assert (info["k"], info["dim"], info["iterations"], info["seed"]) == (16, 48, 5, 0)
+    assert info["faiss_device"] == "cpu"
     assert info["encoder"]["arch"] == tiny_config["encoder"]["arch"] and info["encoder"]["final_norm"] is True
     inertia = info["inertia"]
     assert len(inertia) == 5 and inertia[-1] < inertia[0]
@@ -111,3 +112,17 @@ def test_more_centroids_than_vectors_is_an_error(tiny_config, in_tmp, manifest):
     with pytest.raises(ValueError, match=r"kmeans\.k is 1000 .* 384 feature vectors"):
         run_kmeans(tiny_config, in_tmp / "features", in_tmp / "codebook")
     assert not (in_tmp / "codebook").exists()
+
+
+def test_cuda_without_a_gpu_faiss_build_warns_and_records_the_cpu(tiny_config, in_tmp, manifest, monkeypatch, capsys):
+    """device: cuda with faiss-cpu (or no GPU for faiss): K-means runs on the CPU, says so, and how to fix it."""
+    import faiss
+    import torch
+
+    extract_features(tiny_config, manifest, in_tmp / "features")
+    monkeypatch.setattr("digit.kmeans.resolve_device", lambda config: torch.device("cuda"))
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    run_kmeans(tiny_config, in_tmp / "features", in_tmp / "codebook")
+    assert "pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12" in capsys.readouterr().err
+    info = json.loads((in_tmp / "codebook" / "codebook.json").read_text())
+    assert info["faiss_device"] == "cpu"
