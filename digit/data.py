@@ -321,14 +321,15 @@ def random_batches(manifest: dict, size: int, batch_size: int, seed: int, first_
     per_epoch = len(dataset) // batch_size  # an epoch's last partial batch is dropped
     if per_epoch == 0:
         raise ValueError(f"batch size {batch_size} is larger than the train split ({len(dataset)} images)")
-    epoch = None
+    shuffled = None
     for step in itertools.count(first_step):
-        if (step - 1) // per_epoch != epoch:
-            epoch = (step - 1) // per_epoch
+        epoch, position = divmod(step - 1, per_epoch)
+        if epoch != shuffled:
             generator = torch.Generator().manual_seed(keyed_seed(seed, epoch))
             order = torch.randperm(len(dataset), generator=generator)
             flips = torch.rand(len(dataset), generator=generator) < 0.5
-        batch = slice((step - 1) % per_epoch * batch_size, ((step - 1) % per_epoch + 1) * batch_size)
+            shuffled = epoch
+        batch = slice(position * batch_size, (position + 1) * batch_size)
         images, labels = zip(*(dataset[i] for i in order[batch].tolist()))
         images = torch.stack(images)
         yield torch.where(flips[batch, None, None, None], images.flip(-1), images), torch.tensor(labels)

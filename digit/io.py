@@ -48,15 +48,20 @@ def _disk_full_names(path: Path) -> Iterator[None]:
         raise
 
 
+def _host_prefix(path: Path) -> str:
+    """The start of the names of `path`'s temporary siblings made on this host; the process id comes
+    next, to tell an abandoned one (its process is gone) from one being written."""
+    return f".{path.name}.{socket.gethostname()}."
+
+
 def _temporary_prefix(path: Path) -> str:
-    """The start of the name of `path`'s temporary siblings made by this process: the host and the
-    process id in it tell an abandoned one (its process is gone) from one being written."""
-    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+    """The start of the names of `path`'s temporary siblings made by this process."""
+    return f"{_host_prefix(path)}{os.getpid()}."
 
 
 def _remove_abandoned(path: Path) -> None:
     """Remove the temporary siblings of `path` left by killed processes of this host."""
-    host_prefix = f".{path.name}.{socket.gethostname()}."
+    host_prefix = _host_prefix(path)
     for sibling in path.parent.glob(f"{glob.escape(host_prefix)}*.tmp"):
         pid = sibling.name[len(host_prefix):].split(".")[0]
         if not pid.isdigit() or _alive(int(pid)):

@@ -384,8 +384,8 @@ def _resume(partial: Path, vq: dict, state: dict, generator: torch.Generator, wi
     for name, obj in state.items():
         obj.load_state_dict(saved[name])
     generator.set_state(saved["generator"].cpu())
-    window.extend(saved["window"].unbind())
-    window_indices.extend(saved["window_indices"].unbind())
+    window.extend(saved["window"])
+    window_indices.extend(saved["window_indices"])
     # the log may run past the checkpoint: drop the rows of the steps that will be redone
     rows = (partial / "log.tsv").read_text().splitlines(keepends=True)
     (partial / "log.tsv").write_text("".join(rows[:1] + [r for r in rows[1:] if int(r.split("\t")[0]) <= saved["step"]]))
@@ -397,11 +397,8 @@ def _checkpoint(partial: Path, state: dict, generator: torch.Generator, window: 
                 step: int) -> None:
     with atomic_dir(partial / "checkpoint") as tmp:
         torch.save({name: obj.state_dict() for name, obj in state.items()}
-                   | {"generator": generator.get_state(), "step": step,
-                      "window": torch.stack(window) if window else torch.empty(0, 6),
-                      "window_indices": (torch.stack(window_indices) if window_indices
-                                         else torch.empty(0, dtype=torch.long))},
-                   tmp / "state.pt")
+                   | {"generator": generator.get_state(), "step": step, "window": window,
+                      "window_indices": window_indices}, tmp / "state.pt")
 
 
 @torch.no_grad()
