@@ -5,8 +5,12 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTHON ?= python3
 CORES ?= 2
+# Test processes (pytest-xdist). Most tests wait on subprocesses (Snakemake jobs, SLURM, DVC), so two
+# processes keep both cores busy; each process and its stages run torch on one thread (tests/conftest.py).
+TEST_WORKERS ?= 2
+PYTEST := PATH=$(CURDIR)/$(BIN):$$PATH pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(INSTALLED)
 
@@ -20,7 +24,11 @@ demo: $(INSTALLED)
 	@echo "results: results/demo/metrics.json, results/demo/grid.png"
 
 test: $(INSTALLED)
-	PATH=$(CURDIR)/$(BIN):$$PATH pytest -q
+	$(PYTEST)
+
+# The edit-test loop: everything but the whole-pipeline (e2e) and SLURM tests.
+test-fast: $(INSTALLED)
+	$(PYTEST) -m "not e2e and not slurm"
 
 lint: $(INSTALLED)
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint

@@ -1,18 +1,31 @@
-"""Shared fixtures: a tiny config derived from the demo config, and a tiny image folder."""
+"""Shared fixtures: a tiny config derived from the demo config, a tiny image folder, and the whole
+chain run once by Snakemake on the tiny config."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
+# One torch (OpenMP) thread in every test process and the stages it starts: `make test` runs two
+# test processes on two cores, and a run in a test and the same run in a subprocess do the same
+# arithmetic (float sums depend on the thread count). Set before anything imports torch.
+os.environ["OMP_NUM_THREADS"] = "1"
 
-from digit.config import load_config, validate
-from digit.data import run_prepare, run_synthesize
-from digit.features import run_features_shard
-from digit.kmeans import run_kmeans
-from digit.tokens import run_tokenize, run_tokenize_shard
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from digit.config import load_config, validate  # noqa: E402
+from digit.data import run_prepare, run_synthesize  # noqa: E402
+from digit.features import run_features_shard  # noqa: E402
+from digit.kmeans import run_kmeans  # noqa: E402
+from digit.tokens import run_tokenize, run_tokenize_shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def shrink(config: dict) -> dict:
@@ -85,3 +98,47 @@ def codebook(tmp_path_factory, manifest) -> Path:
     extract_features(config, manifest, root / "features")
     run_kmeans(config, root / "features", root / "codebook")
     return root / "codebook"
+
+
+def workflow_config() -> dict:
+    """The tiny config as the workflow tests run it: two checkpoints in every training run, two sample
+    shards, and the reference statistics cached inside the run's own directory."""
+    config = shrink(load_config(REPO / "config" / "config.yaml"))
+    config["vq"].update(steps=5, checkpoint_every=2)
+    config["sample"]["shards"] = 2
+    config["evaluate"]["cache_dir"] = "cache"
+    return config
+
+
+def snakemake_args(*extra: str) -> list[str]:
+    """Snakemake on the repository's Snakefile and default profile, with the experiment tiny.yaml of
+    the directory it runs in."""
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--profile",
+            str(REPO / "workflow/profiles/default"), "--configfile", "tiny.yaml", *extra]
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """Every file under directory (but Snakemake's own records), by relative path: its sha256."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and ".snakemake" not in p.parts}
+
+
+@pytest.fixture(scope="session")
+def workflow_run(tmp_path_factory) -> Path:
+    """The directory of one uninterrupted Snakemake run of the whole chain on workflow_config()
+    (tiny.yaml, results/tiny/), made once per test process. It is read-only: tests that inspect the
+    outputs read it, tests that run Snakemake again copy it first; the tree must be the same at the
+    end of the session (write bits do not stop root, so it is checked)."""
+    directory = tmp_path_factory.mktemp("workflow")
+    (directory / "tiny.yaml").write_text(yaml.safe_dump(workflow_config()))
+    done = subprocess.run(snakemake_args(), cwd=directory, capture_output=True, text=True, env=ENV, timeout=1800)
+    assert done.returncode == 0, done.stderr[-5000:]
+    before = tree_digest(directory)
+    for path in [directory / "results", *(directory / "results").rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    yield directory
+    for path in [directory / "results", *(directory / "results").rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    assert tree_digest(directory) == before, "a test wrote into the shared workflow run"

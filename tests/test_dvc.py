@@ -1,5 +1,5 @@
-"""DVC on a copy of the repository with a shrunk config: repro, push to a remote and pull into a
-fresh clone (then neither DVC nor Snakemake has anything to do), experiments (a queued sweep of K,
+"""DVC on a copy of the repository with a shrunk config: repro runs the chain (then has nothing to
+do), push to a remote and pull into a fresh clone (then neither DVC nor Snakemake has anything to do), experiments (a queued sweep of K,
 `exp run -S`, `exp show`, metrics and plots diff), and the provenance record of every output."""
 import csv
 import io
@@ -16,9 +16,9 @@ import yaml
 
 from conftest import REPO, shrink
 from digit.config import load_config
-from test_end_to_end import copy_repo
+from test_end_to_end import check_results, copy_repo
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("dvc")]  # one test process makes the repository
 
 PARAMS = "config/config.yaml"
 ENV = {
@@ -74,6 +74,15 @@ def stages_run(log: str) -> set[str]:
 
 def stages_restored(log: str) -> set[str]:
     return set(re.findall(r"^Stage '(\w+)' is cached - skipping run", log, re.M))
+
+
+def test_dvc_repro_runs_the_chain_then_has_nothing_to_do(origin):
+    """The fixture's `dvc repro` ran the whole chain; a second one runs nothing. First in this module:
+    the experiments below change the workspace."""
+    check_results(origin / "results" / "tiny", yaml.safe_load((origin / PARAMS).read_text()))
+    second = run(["dvc", "repro"], origin)
+    assert "Running stage" not in second
+    assert "up to date" in run(["dvc", "status"], origin)
 
 
 def test_pull_into_a_fresh_clone_leaves_nothing_to_do(origin, tmp_path):
@@ -157,7 +166,7 @@ def wait_for_queue(repo: Path, timeout: float) -> dict[str, str]:
         if not {"Queued", "Running"} & set(states.values()):
             return states
         assert time.monotonic() < deadline, f"the queue did not finish in {timeout} s:\n{status}"
-        time.sleep(5)
+        time.sleep(1)
 
 
 def test_changing_k_reruns_kmeans_and_what_follows(origin, experiments):

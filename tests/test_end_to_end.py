@@ -1,20 +1,19 @@
-"""The whole chain on a shrunk demo config: through Snakemake, and through DVC (twice)."""
+"""The whole chain on a shrunk demo config through Snakemake, with either stage-2 decoder (the
+chain through DVC: tests/test_dvc.py)."""
 import json
-import os
+import re
 import shutil
+import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import ENV, REPO, snakemake_args
 from digit.gpt import PRESETS
 
-pytestmark = pytest.mark.e2e
-
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("workflow_run")]
 
 
 def run(args, cwd):
@@ -41,18 +40,33 @@ def check_results(results: Path, config: dict):
     assert layers[0] == "layer\ttop1" and len(layers) == 1 + PRESETS[config["stage1"]["preset"]]["n_layer"]
 
 
-@pytest.mark.parametrize("decoder", ["ar", "nar"])
-def test_snakemake_runs_the_chain(decoder, tiny_config, in_tmp):
-    tiny_config["stage2"]["decoder"] = decoder
-    (in_tmp / "tiny.yaml").write_text(yaml.safe_dump(tiny_config))
-    run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-         "--profile", str(REPO / "workflow/profiles/default"), "--configfile", "tiny.yaml",
-         "-d", str(in_tmp)], cwd=in_tmp)
-    check_results(in_tmp / "results" / "tiny", tiny_config)
-    again = run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                 "--profile", str(REPO / "workflow/profiles/default"), "--configfile", "tiny.yaml",
-                 "-d", str(in_tmp), "-n"], cwd=in_tmp)
-    assert "Nothing to be done" in again
+def test_snakemake_runs_the_chain(workflow_run):
+    """The session's run of the whole chain (ar decoder), then a dry run with nothing left to do."""
+    config = yaml.safe_load((workflow_run / "tiny.yaml").read_text())
+    assert config["stage2"]["decoder"] == "ar"
+    check_results(workflow_run / "results" / "tiny", config)
+    assert "Nothing to be done" in run(snakemake_args("-n"), cwd=workflow_run)
+
+
+def test_snakemake_runs_the_chain_with_the_nar_decoder(workflow_run, tmp_path):
+    """The nar decoder in a copy of the session's run: Snakemake re-runs stage 2 and what follows
+    it (its config keys changed), and none of the stages before it, whose outputs do not depend on
+    the decoder."""
+    directory = tmp_path / "nar"
+    shutil.copytree(workflow_run, directory)  # file times kept: Snakemake sees the same outputs
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    config = yaml.safe_load((directory / "tiny.yaml").read_text())
+    config["stage2"]["decoder"] = "nar"
+    (directory / "tiny.yaml").write_text(yaml.safe_dump(config))
+    log = run(snakemake_args(), cwd=directory)
+    ran = set(re.findall(r"^(?:local)?rule (\w+):", log, re.M))
+    assert {"train_decoder", "sample_shard", "sample", "evaluate", "upper_bound", "report"} <= ran, log
+    assert not ran & {"synthesize", "prepare", "features_shard", "kmeans", "tokenize", "train_vq", "tokenize_vq",
+                      "train_ar", "probe", "train_classifier", "stability"}, log
+    assert json.loads((directory / "results/tiny/stage2/model.json").read_text())["decoder"] == "nar"
+    check_results(directory / "results" / "tiny", config)
+    assert "Nothing to be done" in run(snakemake_args("-n"), cwd=directory)
 
 
 def copy_repo(dest: Path):
@@ -62,17 +76,3 @@ def copy_repo(dest: Path):
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dest / rel, follow_symlinks=False)
-
-
-def test_dvc_repro_runs_the_chain_then_has_nothing_to_do(tiny_config, tmp_path):
-    repo = tmp_path / "repo"
-    copy_repo(repo)
-    (repo / "config" / "config.yaml").write_text(yaml.safe_dump(tiny_config))
-    run(["git", "init", "-q"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo)
-    run(["dvc", "repro"], repo)
-    check_results(repo / "results" / "tiny", tiny_config)
-    second = run(["dvc", "repro"], repo)
-    assert "Running stage" not in second
-    assert "up to date" in run(["dvc", "status"], repo)

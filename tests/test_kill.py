@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, extract_features, shrink, tokenize_all
+from conftest import REPO, extract_features, shrink, snakemake_args, tokenize_all
 from digit.config import load_config
 from digit.io import atomic_dir
 from digit.kmeans import run_kmeans
@@ -170,6 +170,8 @@ def files(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
+@pytest.mark.e2e  # every long stage of the chain, several runs each
+@pytest.mark.xdist_group("kill")  # one test process builds the stages' inputs once
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_killed_stage_reruns_to_the_output_of_an_uninterrupted_run(built, stage, tmp_path):
     root, manifest = built
@@ -214,23 +216,16 @@ WORKFLOW_KILLS = [
 
 
 @pytest.mark.e2e
-def test_killed_workflow_reruns_to_the_outputs_of_an_uninterrupted_run(tmp_path):
-    config = shrink(load_config(REPO / "config" / "config.yaml"))
-    config["vq"].update(steps=5, checkpoint_every=2)
-    config["sample"]["shards"] = 2
-    config["evaluate"]["cache_dir"] = "cache"  # in each run's own directory
-    runs = {name: tmp_path / name for name in ("whole", "killed")}
-    for directory in runs.values():
-        directory.mkdir()
-        (directory / "tiny.yaml").write_text(yaml.safe_dump(config))
-    args = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--profile",
-            str(REPO / "workflow/profiles/default"), "--configfile", "tiny.yaml"]
+@pytest.mark.xdist_group("workflow_run")
+def test_killed_workflow_reruns_to_the_outputs_of_an_uninterrupted_run(workflow_run, tmp_path):
+    """Killed runs in a directory of their own, against the session's uninterrupted run of the same config."""
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(workflow_run / "tiny.yaml", killed / "tiny.yaml")
+    args = snakemake_args()
     workflow = lambda directory, *extra: subprocess.run(  # noqa: E731
         args + list(extra), cwd=directory, capture_output=True, text=True, env=environment(), timeout=1800)
-    done = workflow(runs["whole"])
-    assert done.returncode == 0, done.stderr[-5000:]
 
-    killed = runs["killed"]
     for sig, name, point, nth in WORKFLOW_KILLS:
         marker = killed / "paused"
         marker.unlink(missing_ok=True)
@@ -254,7 +249,7 @@ def test_killed_workflow_reruns_to_the_outputs_of_an_uninterrupted_run(tmp_path)
     done = workflow(killed)
     assert done.returncode == 0, done.stderr[-5000:]
 
-    whole, resumed = (runs[name] / "results" / "tiny" for name in ("whole", "killed"))
+    whole, resumed = (directory / "results" / "tiny" for directory in (workflow_run, killed))
     # all but the logs and Snakemake's empty timestamp files in directory outputs
     kept = lambda d: [n for n in files(d) if not n.startswith("logs/") and "snakemake_timestamp" not in n]  # noqa: E731
     outputs = kept(whole)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import REPO, shrink
 from digit import distributed
 from digit.config import load_config
-from digit.train import run_train_ar
+from digit.train import learning_rate, run_train_ar
 from digit.vq import run_train_vq
 from test_train import CLASSES, K, N, sem_tokens, write_cache
 
@@ -90,14 +90,25 @@ def test_vq_training_stopped_mid_log_row_resumes_to_the_weights_of_an_uninterrup
     assert losses[0] == losses[1]  # every column but images/s
 
 
-def assert_same_weights(a, b):
+def assert_same_weights(a, b, atol=1e-6):
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=atol, msg=name)
+
+
+def update_tolerance(tc: dict) -> float:
+    """The weights of a run split over processes may differ from one process's by this much. Both run
+    one torch thread a process (tests/conftest.py; the jobs' cpus_per_task), but DDP sums the gradient
+    of each half batch, then averages them: the float sums differ from one process's in the last bits,
+    and Adam's normalisation can magnify that in a near-zero gradient's step. Adam moves a weight by at
+    most about lr a step, so the tolerance is 1e-3 of the most any weight can move in the run, the sum
+    of the learning rates (4e-6 for the 8 steps here; the difference seen on Intel Xeon was 1.03e-6)."""
+    return 1e-3 * sum(learning_rate(step, tc) for step in range(1, tc["steps"] + 1))
 
 
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")  # one test process starts and stops the cluster
 @pytest.mark.parametrize("launcher", ["slurm", "local"])
 def test_two_process_submitit_job_trains_the_weights_of_one_process(launcher, slurm, tiny_config, tokens, tmp_path):
     tiny_config["stage1"].update(steps=8, batch_size=8)
@@ -109,12 +120,13 @@ def test_two_process_submitit_job_trains_the_weights_of_one_process(launcher, sl
     assert job.returncode == 0, output
     assert f"submitted {launcher} job" in output and "1 node(s) x 2 process(es)" in output
     assert log_steps(tmp_path / "stage1") == list(range(1, 9))
-    assert_same_weights(tmp_path / "direct", tmp_path / "stage1")
+    assert_same_weights(tmp_path / "direct", tmp_path / "stage1", atol=update_tolerance(tiny_config["stage1"]))
     (log,) = (tmp_path / "jobs").glob("*_0_log.out")  # submitit logs INFO to stdout
     assert "global_rank=0(2)" in log.read_text() and len(list((tmp_path / "jobs").glob("*_1_result.pkl"))) == 1
 
 
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")  # one test process starts and stops the cluster
 def test_a_failing_job_fails_the_command(slurm, tiny_config, tmp_path):
     job = train_ar_cli(tiny_config, tmp_path / "no-tokens", tmp_path / "stage1", "--launcher", "slurm",
                        "--mem-mb", "2000", "--job-dir", str(tmp_path / "jobs"))
@@ -124,6 +136,7 @@ def test_a_failing_job_fails_the_command(slurm, tiny_config, tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")  # one test process starts and stops the cluster
 def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm, tiny_config, tokens, tmp_path):
     # about 45 s of training at this machine's present speed: more than one run gets before its signal
     tiny_config["stage1"].update(steps=40, batch_size=8, checkpoint_every=100000)
@@ -162,6 +175,7 @@ def start_requeued_jobs_now(job):
 
 
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")  # one test process starts and stops the cluster
 def test_demo_through_the_slurm_profile(slurm, tmp_path):
     """Every rule a SLURM job (the training rules: submitit jobs they wait for), on one small node."""
     config = shrink(load_config(REPO / "config" / "config.yaml"))
@@ -176,6 +190,7 @@ def test_demo_through_the_slurm_profile(slurm, tmp_path):
             resources["nodes"] = 1
     profile["set-threads"] = {rule: 1 for rule in profile["set-threads"]}
     profile["slurm-init-seconds-before-status-checks"] = 2
+    profile["seconds-between-status-checks"] = 2  # one small node, quick jobs: notice each end at once
     (tmp_path / "profile").mkdir()
     (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
 
