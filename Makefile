@@ -7,8 +7,9 @@ PYTHON ?= python3
 CORES ?= 2
 # Test processes (pytest-xdist). Most tests wait on subprocesses (Snakemake jobs, SLURM, DVC), so two
 # processes keep both cores busy; each process and its stages run torch on one thread (tests/conftest.py).
+# One file runs in one process: the expensive module and session fixtures of a file are made once.
 TEST_WORKERS ?= 2
-PYTEST := PATH=$(CURDIR)/$(BIN):$$PATH pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := PATH=$(CURDIR)/$(BIN):$$PATH pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-fast lint clean
 

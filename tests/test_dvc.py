@@ -18,7 +18,7 @@ from conftest import REPO, shrink
 from digit.config import load_config
 from test_end_to_end import check_results, copy_repo
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("dvc")]  # one test process makes the repository
+pytestmark = pytest.mark.e2e
 
 PARAMS = "config/config.yaml"
 ENV = {

@@ -1,10 +1,14 @@
-"""The whole chain on a shrunk demo config through Snakemake, with either stage-2 decoder (the
-chain through DVC: tests/test_dvc.py)."""
+"""The whole chain on a shrunk demo config through Snakemake: with either stage-2 decoder, and killed
+at points across its DAG then run again (the chain through DVC: tests/test_dvc.py)."""
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +16,9 @@ import yaml
 
 from conftest import ENV, REPO, snakemake_args
 from digit.gpt import PRESETS
+from test_kill import WAIT_S, comparable, environment, files
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("workflow_run")]
+pytestmark = pytest.mark.e2e
 
 
 def run(args, cwd):
@@ -67,6 +72,62 @@ def test_snakemake_runs_the_chain_with_the_nar_decoder(workflow_run, tmp_path):
     assert json.loads((directory / "results/tiny/stage2/model.json").read_text())["decoder"] == "nar"
     check_results(directory / "results" / "tiny", config)
     assert "Nothing to be done" in run(snakemake_args("-n"), cwd=directory)
+
+
+# The whole workflow, killed at points across its DAG and run again by the same command each time.
+# The signal goes to Snakemake and all its jobs: SIGKILL (a lost node), SIGTERM (scancel, a shutdown)
+# or SIGINT (Ctrl-C). (signal, output name or "*", point, n-th time), as in KILLS.
+WORKFLOW_KILLS = [
+    (signal.SIGKILL, "features/1", "rename", 1),
+    (signal.SIGTERM, "*", "batch", 2),  # inside a tokenize shard, or the probe's features
+    (signal.SIGKILL, "checkpoint", "exit", 1),  # whichever training checkpoints first
+    (signal.SIGINT, "sample_shards/1", "enter", 1),
+    (signal.SIGKILL, "evaluate", "rename", 1),
+]
+
+
+def test_killed_workflow_reruns_to_the_outputs_of_an_uninterrupted_run(workflow_run, tmp_path):
+    """Killed runs in a directory of their own, against the session's uninterrupted run of the same config."""
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(workflow_run / "tiny.yaml", killed / "tiny.yaml")
+    args = snakemake_args()
+    workflow = lambda directory, *extra: subprocess.run(  # noqa: E731
+        args + list(extra), cwd=directory, capture_output=True, text=True, env=environment(), timeout=1800)
+
+    for sig, name, point, nth in WORKFLOW_KILLS:
+        marker = killed / "paused"
+        marker.unlink(missing_ok=True)
+        proc = subprocess.Popen(args, cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True,
+                                env=environment(KILL_PAUSE=f"{name}:{point}:{nth}", KILL_MARKER=str(marker)))
+        deadline = time.monotonic() + WAIT_S
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"never reached {name}:{point}:{nth}:\n{proc.communicate(timeout=60)[1][-5000:]}"
+        os.killpg(proc.pid, sig)
+        try:
+            proc.communicate(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # whatever is left of the run
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode != 0
+        if sig == signal.SIGKILL:  # Snakemake had no time to release its lock on the directory
+            unlock = workflow(killed, "--unlock")
+            assert unlock.returncode == 0, unlock.stderr[-5000:]
+    done = workflow(killed)
+    assert done.returncode == 0, done.stderr[-5000:]
+
+    whole, resumed = (directory / "results" / "tiny" for directory in (workflow_run, killed))
+    # all but the logs and Snakemake's empty timestamp files in directory outputs
+    kept = lambda d: [n for n in files(d) if not n.startswith("logs/") and "snakemake_timestamp" not in n]  # noqa: E731
+    outputs = kept(whole)
+    assert outputs == kept(resumed)
+    for name in outputs:
+        got, want = comparable(resumed / name), comparable(whole / name)
+        if name.endswith("metrics.json"):  # evaluate or upper_bound, whichever ran first, cached them
+            got.pop("reference_statistics", None), want.pop("reference_statistics", None)
+        assert got == want, f"{name} differs"
 
 
 def copy_repo(dest: Path):

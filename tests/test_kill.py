@@ -1,4 +1,5 @@
-"""Every long stage killed (SIGKILL, SIGTERM) at several points, then run again by the same command.
+"""Every long stage killed (SIGKILL, SIGTERM) at several points, then run again by the same command
+(the whole workflow killed: tests/test_end_to_end.py).
 
 Each stage runs as `python -m digit.cli` in a subprocess; kill_hook/sitecustomize.py holds it at a
 point of its atomic output (the temporary directory just made, or filled but not yet renamed) or
@@ -24,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, extract_features, shrink, snakemake_args, tokenize_all
+from conftest import REPO, extract_features, shrink, tokenize_all
 from digit.config import load_config
 from digit.io import atomic_dir
 from digit.kmeans import run_kmeans
@@ -171,7 +172,6 @@ def files(directory: Path) -> list[str]:
 
 
 @pytest.mark.e2e  # every long stage of the chain, several runs each
-@pytest.mark.xdist_group("kill")  # one test process builds the stages' inputs once
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_killed_stage_reruns_to_the_output_of_an_uninterrupted_run(built, stage, tmp_path):
     root, manifest = built
@@ -201,64 +201,6 @@ def test_killed_stage_reruns_to_the_output_of_an_uninterrupted_run(built, stage,
             assert got == want
             continue
         assert comparable(out / name) == comparable(expected / name), f"{stage}: {name} differs"
-
-
-# The whole workflow, killed at points across its DAG and run again by the same command each time.
-# The signal goes to Snakemake and all its jobs: SIGKILL (a lost node), SIGTERM (scancel, a shutdown)
-# or SIGINT (Ctrl-C). (signal, output name or "*", point, n-th time), as in KILLS.
-WORKFLOW_KILLS = [
-    (signal.SIGKILL, "features/1", "rename", 1),
-    (signal.SIGTERM, "*", "batch", 2),  # inside a tokenize shard, or the probe's features
-    (signal.SIGKILL, "checkpoint", "exit", 1),  # whichever training checkpoints first
-    (signal.SIGINT, "sample_shards/1", "enter", 1),
-    (signal.SIGKILL, "evaluate", "rename", 1),
-]
-
-
-@pytest.mark.e2e
-@pytest.mark.xdist_group("workflow_run")
-def test_killed_workflow_reruns_to_the_outputs_of_an_uninterrupted_run(workflow_run, tmp_path):
-    """Killed runs in a directory of their own, against the session's uninterrupted run of the same config."""
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    shutil.copy(workflow_run / "tiny.yaml", killed / "tiny.yaml")
-    args = snakemake_args()
-    workflow = lambda directory, *extra: subprocess.run(  # noqa: E731
-        args + list(extra), cwd=directory, capture_output=True, text=True, env=environment(), timeout=1800)
-
-    for sig, name, point, nth in WORKFLOW_KILLS:
-        marker = killed / "paused"
-        marker.unlink(missing_ok=True)
-        proc = subprocess.Popen(args, cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True,
-                                env=environment(KILL_PAUSE=f"{name}:{point}:{nth}", KILL_MARKER=str(marker)))
-        deadline = time.monotonic() + WAIT_S
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert marker.exists(), f"never reached {name}:{point}:{nth}:\n{proc.communicate(timeout=60)[1][-5000:]}"
-        os.killpg(proc.pid, sig)
-        try:
-            proc.communicate(timeout=120)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # whatever is left of the run
-                os.killpg(proc.pid, signal.SIGKILL)
-        assert proc.returncode != 0
-        if sig == signal.SIGKILL:  # Snakemake had no time to release its lock on the directory
-            unlock = workflow(killed, "--unlock")
-            assert unlock.returncode == 0, unlock.stderr[-5000:]
-    done = workflow(killed)
-    assert done.returncode == 0, done.stderr[-5000:]
-
-    whole, resumed = (directory / "results" / "tiny" for directory in (workflow_run, killed))
-    # all but the logs and Snakemake's empty timestamp files in directory outputs
-    kept = lambda d: [n for n in files(d) if not n.startswith("logs/") and "snakemake_timestamp" not in n]  # noqa: E731
-    outputs = kept(whole)
-    assert outputs == kept(resumed)
-    for name in outputs:
-        got, want = comparable(resumed / name), comparable(whole / name)
-        if name.endswith("metrics.json"):  # evaluate or upper_bound, whichever ran first, cached them
-            got.pop("reference_statistics", None), want.pop("reference_statistics", None)
-        assert got == want, f"{name} differs"
 
 
 def test_a_killed_process_temporary_output_is_removed_by_the_next_write_and_no_other(tmp_path):
