@@ -7,9 +7,10 @@ PYTHON ?= python3
 CORES ?= 2
 # Test processes (pytest-xdist). Most tests wait on subprocesses (Snakemake jobs, SLURM, DVC), so two
 # processes keep both cores busy; each process and its stages run torch on one thread (tests/conftest.py).
-# One file runs in one process: the expensive module and session fixtures of a file are made once.
+# One file runs in one process, so that the expensive module and session fixtures of a file are made
+# once; the files go in the order of tests/conftest.py (the longest first).
 TEST_WORKERS ?= 2
-PYTEST := PATH=$(CURDIR)/$(BIN):$$PATH pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := PATH=$(CURDIR)/$(BIN):$$PATH pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup demo test test-fast lint clean
 

@@ -13,7 +13,11 @@ if len(workflow.configfiles) != 1:
         "give one experiment config with --configfile "
         f"(got {len(workflow.configfiles)}: {workflow.configfiles})"
     )
+# Relative to the working directory where the config lies inside it: the shell commands (and with
+# them Snakemake's code-change trigger) stay the same when the directory is moved or copied.
 CONFIGFILE = str(workflow.configfiles[0])
+if os.path.abspath(CONFIGFILE).startswith(os.path.join(os.getcwd(), "")):
+    CONFIGFILE = os.path.relpath(CONFIGFILE)
 validate(config, "../schemas/config.schema.yaml")
 with open(CONFIGFILE) as f:
     if yaml.safe_load(f) != config:
