@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
@@ -268,6 +267,9 @@ def load_manifest(path: str | Path) -> dict:
 
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     """Resize the shorter side to `size` and center-crop: uint8 tensor [3, size, size]."""
+    # on use: importing torchvision takes ~2.5 s (it loads torch._dynamo), which token-only stages skip
+    import torchvision.transforms.v2.functional as TF
+
     tensor = TF.pil_to_tensor(image)
     tensor = TF.resize(tensor, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     return TF.center_crop(tensor, [size, size])

@@ -10,12 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as T
-import torchvision.transforms.v2.functional as TF
 
 from digit.config import resolve_device
 from digit.data import keyed_seed, load_image, load_manifest
-from digit.encoders import FeatureEncoder, encode_batches
 from digit.io import atomic_dir, open_memmap_for_writing, provenance, sha256_file, write_json
 from digit.shards import read_shard_records, shard_range
 
@@ -28,14 +25,17 @@ class CropFlipViews(torch.utils.data.Dataset):
         self.entries = entries
         self.positions = positions
         self.seed = seed
-        self.transform = T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip()])
+        import torchvision.transforms.v2 as T  # on use, as in data.preprocess: kmeans imports this module
+
+        self.transform = T.Compose([T.PILToTensor(), T.RandomResizedCrop(size, antialias=True),
+                                    T.RandomHorizontalFlip()])
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         entry = self.entries[index]
-        image = TF.pil_to_tensor(load_image(entry["path"]))
+        image = load_image(entry["path"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(keyed_seed(self.seed, self.positions[index]))
             return self.transform(image), entry["label"]
@@ -52,6 +52,8 @@ def feature_settings(config: dict) -> dict:
 def run_features_shard(config: dict, manifest_path: str | Path, shard: str | int, out_dir: str | Path) -> None:
     """Shard `shard` of kmeans.feature_shards: features.npy, float16 [n, T, D] patch features of its
     part of the `kmeans.sample_fraction` sample of train, and meta.json."""
+    from digit.encoders import FeatureEncoder, encode_batches  # timm on use too
+
     km, shard = config["kmeans"], int(shard)
     train = load_manifest(manifest_path)["splits"]["train"]
     count = max(1, round(km["sample_fraction"] * len(train)))

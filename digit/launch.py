@@ -19,9 +19,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import submitit
-import torch
-
-from digit import distributed
 
 STAGES = ("train-vq", "train-ar", "train-decoder")  # the CLI stages that take the flags below
 LAUNCHERS = ("direct", "slurm", "local")
@@ -119,6 +116,11 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.target, self.config, self.paths, self.threads = target, config, paths, threads
 
     def __call__(self):
+        # torch here, in the job: the digit CLI imports this module, and kmeans or report need no torch
+        import torch
+
+        from digit import distributed
+
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         torch.set_num_threads(self.threads)  # the CPUs of this process, not those of the submitting one
         stop_signal = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 from digit.config import resolve_device
 from digit.data import keyed_seed, to_uint8
@@ -154,6 +153,8 @@ def run_sample(config: dict, shards_dir: str | Path, out_dir: str | Path) -> Non
         shown = [i for i in range(same["num_samples"]) if i % per_class < columns]
         grid = torch.stack([torch.from_numpy(np.array(Image.open(tmp / "images" / f"{i:06d}.png"))).permute(2, 0, 1)
                             for i in shown])
+        from torchvision.utils import make_grid  # on use, as in data.preprocess
+
         save_png(make_grid(grid, nrow=columns, padding=2), tmp / "grid.png")
         record = metas[0]["provenance"]  # the models and settings every shard was checked to share
         record["inputs"] |= {f"shard_{i}": sha256_file(shards_dir / str(i) / "shard.npz") for i in range(sc["shards"])}

@@ -6,15 +6,18 @@ int64 labels. VQ token caches share the format, the reader and the fit check.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from digit.config import resolve_device
 from digit.data import SPLITS, ImageDataset, load_manifest
-from digit.encoders import FeatureEncoder, encode_batches
 from digit.io import atomic_dir, open_memmap_for_writing, provenance, read_json, sha256_file, write_json
 from digit.shards import read_shard_records, shard_range
+
+if TYPE_CHECKING:
+    from digit.encoders import FeatureEncoder
 
 
 def assign(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -87,6 +90,9 @@ def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: st
                        out_dir: str | Path) -> None:
     """Shard `shard` of tokenize.shards, over the train images then the val images: <split>.npy
     uint16 [n, V, T] for every view of `tokenize.views`, <split>_labels.npy, and meta.json."""
+    # timm and torchvision on use: the stages that read token caches (training, probe) start without them
+    from digit.encoders import FeatureEncoder, encode_batches
+
     device, shard, tc = resolve_device(config), int(shard), config["tokenize"]
     manifest = load_manifest(manifest_path)
     encoder = FeatureEncoder(config).to(device)

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from safetensors.torch import load_file
 
 VGG_STAGE_ENDS = (4, 9, 16, 23, 30)  # torchvision vgg16.features indices after relu1_2 ... relu5_3
@@ -24,6 +23,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def load_vgg16_features(weights_file: str | None) -> nn.Sequential:
     """torchvision's VGG16 `features`: from a state-dict file (torchvision's vgg16 layout, the
     classifier's keys may be there or not), or torchvision's download where there is network."""
+    import torchvision  # on use, as in data.preprocess
+
     if weights_file is None:
         try:
             return torchvision.models.vgg16(weights="IMAGENET1K_V1").features
