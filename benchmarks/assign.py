@@ -1,4 +1,4 @@
-"""Token assignment: digit.tokens.assign against the plain fp32 matmul of the same shape.
+"""Token assignment: digit.tokenizer.tokens.assign against the plain fp32 matmul of the same shape.
 
 M patch features (images x 256 patches) of clustered stand-in data [M, D] are assigned to the
 nearest of K centroids, as the tokenize and kmeans stages call it. Printed: seconds and GFLOP/s of
@@ -15,12 +15,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import add_device_argument
-from roofline import (add_threads_argument, clustered_features, gemm_runs, interleaved_median_seconds,
-                      load_average, set_threads)
+from roofline import (
+    add_threads_argument,
+    clustered_features,
+    gemm_runs,
+    interleaved_median_seconds,
+    load_average,
+    set_threads,
+)
 
-from digit.tokens import assign
+from digit.tokenizer.tokens import assign
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from digit.gpt import PRESETS, GPTConfig
+from digit.generate.gpt import PRESETS, GPTConfig
 
 CLASSES = 1000  # stage-1 prefix: ImageNet's classes, and the null class at id CLASSES
 

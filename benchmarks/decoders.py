@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import add_device_argument, median_seconds
 
-from digit.gpt import GPT, PRESETS, GPTConfig, generate_masked
-from digit.config import load_config
-from digit.vq import build_vq
+from digit.generate.gpt import GPT, PRESETS, GPTConfig, generate_masked
+from digit.pixels.model import build_vq
+from digit.runtime.config import load_config
 
 
 def main() -> None:

@@ -21,16 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from common import add_device_argument
 
-from digit.config import load_config
-from digit.data import draw_example, run_prepare
-from digit.encoders import FeatureEncoder
-from digit.features import run_features_shard
-from digit.io import save_npy, sha256_file, write_json
-from digit.tokens import run_tokenize_shard
+from digit.data.prepare import run_prepare
+from digit.data.synthetic import draw_example
+from digit.runtime.config import load_config
+from digit.runtime.io import save_npy, sha256_file, write_json
+from digit.tokenizer.encoders import FeatureEncoder
+from digit.tokenizer.features import run_features_shard
+from digit.tokenizer.tokens import run_tokenize_shard
 
 
 def write_jpegs(root: Path, count: int, size: tuple[int, int] = (500, 375), classes: int = 4) -> None:

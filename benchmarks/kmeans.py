@@ -1,4 +1,4 @@
-"""K-means: faiss through digit.kmeans.train_codebook against the fp32 GEMM roofline and scikit-learn.
+"""K-means: faiss through digit.tokenizer.kmeans.train_codebook against the fp32 GEMM roofline and scikit-learn.
 
 One sample of clustered stand-in features [N, D] (a Gaussian mixture) is clustered into K centroids
 by each, for the same number of Lloyd iterations from K random sample points (one init), with the
@@ -26,12 +26,17 @@ import faiss
 import numpy as np
 import sklearn
 import torch
+from roofline import (
+    add_threads_argument,
+    clustered_features,
+    gemm_runs,
+    interleaved_median_seconds,
+    load_average,
+    set_threads,
+)
 from sklearn.cluster import KMeans
 
-from roofline import (add_threads_argument, clustered_features, gemm_runs, interleaved_median_seconds,
-                      load_average, set_threads)
-
-from digit.kmeans import train_codebook
+from digit.tokenizer.kmeans import train_codebook
 
 
 def inertia(sample: np.ndarray, centroids: np.ndarray) -> float:

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, sys
 from pathlib import Path
-from digit.kmeans import run_kmeans
+from digit.tokenizer.kmeans import run_kmeans
 
 def status(key):
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -44,8 +44,8 @@ print(json.dumps({"before": before, "peak": status("VmHWM")}))
 
 def fake_features(config: dict, root: Path, images: int, tokens: int, dim: int, shards: int) -> int:
     """Feature shards as features_shard writes them (random values), and their records."""
-    from digit.features import feature_settings
-    from digit.io import provenance, write_json
+    from digit.runtime.io import provenance, write_json
+    from digit.tokenizer.features import feature_settings
 
     config["kmeans"]["feature_shards"] = shards
     rng = np.random.default_rng(0)
@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from digit.config import load_config
+    from digit.runtime.config import load_config
 
     config = copy.deepcopy(load_config(REPO / args.config))
     config["device"] = "cpu"

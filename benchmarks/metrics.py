@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import add_device_argument
 from PIL import Image
 
-from common import add_device_argument
-
-from digit.metrics import FEATURE_EXTRACTOR, generate_inception_weights
+from digit.evaluate.fidelity import FEATURE_EXTRACTOR, generate_inception_weights
 
 SEED = 0
 REFERENCE_NAME = "benchmark-reference"
@@ -39,7 +38,7 @@ PIPELINE_RUN = """
 import json, sys
 from pathlib import Path
 from torch_fidelity.datasets import ImagesPathDataset
-from digit.metrics import fidelity_metrics
+from digit.evaluate.fidelity import fidelity_metrics
 samples, reference, weights, batch_size, device, seed, cache_root, reference_name = sys.argv[1:]
 reference_images = ImagesPathDataset(sorted(str(path) for path in Path(reference).glob("*.png")))
 print(json.dumps(fidelity_metrics(samples, reference_images, weights, int(batch_size), device == "cuda",

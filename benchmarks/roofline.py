@@ -10,7 +10,6 @@ import faiss
 import numpy as np
 import threadpoolctl
 import torch
-
 from common import median_seconds
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import CLASSES, add_device_argument, add_stage1_shape_arguments, median_seconds, stage1_config
 
-from digit.gpt import GPT, sample_logits
+from digit.generate.gpt import GPT, sample_logits
 
 
 @torch.no_grad()

@@ -18,11 +18,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from common import CLASSES, add_device_argument, add_stage1_shape_arguments, median_seconds, stage1_config
 
-from digit.gpt import GPT, GPTConfig
-from digit.train import make_optimizer
+from digit.generate.gpt import GPT, GPTConfig
+from digit.generate.train import make_optimizer
 
 # dense bf16 tensor-core peak, FLOP/s, of the GPUs MFU is reported for
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -18,11 +18,12 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from digit.config import load_config, validate  # noqa: E402
-from digit.data import run_prepare, run_synthesize  # noqa: E402
-from digit.features import run_features_shard  # noqa: E402
-from digit.kmeans import run_kmeans  # noqa: E402
-from digit.tokens import run_tokenize, run_tokenize_shard  # noqa: E402
+from digit.data.prepare import run_prepare
+from digit.data.synthetic import run_synthesize  # noqa: E402
+from digit.runtime.config import load_config, validate  # noqa: E402
+from digit.tokenizer.features import run_features_shard  # noqa: E402
+from digit.tokenizer.kmeans import run_kmeans  # noqa: E402
+from digit.tokenizer.tokens import run_tokenize, run_tokenize_shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

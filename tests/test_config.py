@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from digit.cli import main
-from digit.config import ConfigError, check_feasible
-from digit.data import count_images
+from digit.runtime.config import ConfigError, check_feasible
+from digit.runtime.images import count_images
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digit.data import ImageDataset, load_manifest, run_prepare, run_synthesize
-from digit.io import read_json
+from digit.data.prepare import run_prepare
+from digit.data.synthetic import run_synthesize
+from digit.runtime.images import ImageDataset, load_manifest
+from digit.runtime.io import read_json
 
 
 def make_folder(root, modes=("RGB",), per_class=2):

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from digit.cli import main
-from digit.io import DiskFullError, atomic_dir, open_memmap_for_writing, read_json, save_npy, write_json
+from digit.runtime.io import DiskFullError, atomic_dir, open_memmap_for_writing, read_json, save_npy, write_json
 
 
 class Disk:

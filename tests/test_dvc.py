@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, shrink
-from digit.config import load_config
 from test_end_to_end import check_results, copy_repo
+
+from digit.runtime.config import load_config
 
 pytestmark = pytest.mark.e2e
 

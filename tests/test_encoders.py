@@ -3,7 +3,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from digit.encoders import FeatureEncoder, create_model
+from digit.tokenizer.encoders import FeatureEncoder, create_model
 
 
 def fp32(config, **encoder):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ENV, REPO, snakemake_args
-from digit.gpt import PRESETS
 from test_kill import WAIT_S, comparable, environment, files
+
+from digit.generate.gpt import PRESETS
 
 pytestmark = pytest.mark.e2e
 

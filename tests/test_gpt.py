@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from digit.gpt import GPT, PRESETS, GPTConfig, generate_masked, mask_ratio, masked_count, sample_logits
+from digit.generate.gpt import GPT, PRESETS, GPTConfig, generate_masked, mask_ratio, masked_count, sample_logits
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, n_ffn=64)
 STAGE1 = GPTConfig(vocab_size=16, seq_len=10, prefix_vocab_size=3, prefix_len=1, **SMALL)
@@ -134,7 +134,7 @@ def test_layer_means_are_the_mean_over_token_positions_of_each_block():
 @pytest.mark.parametrize("preset, vocab", [("base", 8192), ("large", 16384)])
 def test_paper_presets_train_a_few_steps_on_cpu(preset, vocab):
     """The real models, at the paper's width and depth, on a short sequence: the loss goes down."""
-    from digit.train import make_optimizer
+    from digit.generate.train import make_optimizer
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=vocab, seq_len=8, prefix_vocab_size=1001, prefix_len=1, **PRESETS[preset])
     gpt = GPT(cfg).train()

@@ -10,7 +10,6 @@ version, the same training logs but for their timings.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,15 +23,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, extract_features, shrink, tokenize_all
-from digit.config import load_config
-from digit.io import atomic_dir
-from digit.kmeans import run_kmeans
-from digit.metrics import run_evaluate, run_train_classifier
-from digit.sample import run_sample, run_sample_shard
-from digit.train import run_train_ar, run_train_decoder
-from digit.vq import run_tokenize_vq, run_train_vq
+
+from digit.evaluate.cas import run_train_classifier
+from digit.evaluate.fidelity import run_evaluate
+from digit.generate.sample import run_sample, run_sample_shard
+from digit.generate.train import run_train_ar, run_train_decoder
+from digit.pixels.tokenize import run_tokenize_vq
+from digit.pixels.train import run_train_vq
+from digit.runtime.config import load_config
+from digit.runtime.io import atomic_dir
+from digit.tokenizer.kmeans import run_kmeans
 
 HOOK = Path(__file__).with_name("kill_hook")
 WAIT_S = 600  # for a stage to reach its kill point on a loaded machine

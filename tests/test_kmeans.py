@@ -4,11 +4,11 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import extract_features
-from digit.io import sha256_file
-from digit.features import run_features_shard
-from digit.kmeans import read_sample, run_kmeans
+
+from digit.runtime.io import sha256_file
+from digit.tokenizer.features import run_features_shard
+from digit.tokenizer.kmeans import read_sample, run_kmeans
 
 
 def all_features(features_dir, shards=2):
@@ -120,7 +120,7 @@ def test_cuda_without_a_gpu_faiss_build_warns_and_records_the_cpu(tiny_config, i
     import torch
 
     extract_features(tiny_config, manifest, in_tmp / "features")
-    monkeypatch.setattr("digit.kmeans.resolve_device", lambda config: torch.device("cuda"))
+    monkeypatch.setattr("digit.tokenizer.kmeans.resolve_device", lambda config: torch.device("cuda"))
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
     run_kmeans(tiny_config, in_tmp / "features", in_tmp / "codebook")
     assert "pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12" in capsys.readouterr().err

@@ -6,10 +6,17 @@ import torch
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from digit.data import ImageDataset, load_manifest
-from digit.io import read_json, sha256_file
-from digit.metrics import (ImagesOnly, SampleDataset, fidelity_metrics, generate_inception_weights,
-                           reference_images, run_evaluate, run_train_classifier)
+from digit.evaluate.cas import run_train_classifier
+from digit.evaluate.fidelity import (
+    ImagesOnly,
+    SampleDataset,
+    fidelity_metrics,
+    generate_inception_weights,
+    reference_images,
+    run_evaluate,
+)
+from digit.runtime.images import ImageDataset, load_manifest
+from digit.runtime.io import read_json, sha256_file
 
 
 @pytest.fixture(scope="module")

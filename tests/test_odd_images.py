@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digit.data import MAX_IMAGE_PIXELS, BadImage, ImageDataset, load_image, load_manifest, run_prepare
-from digit.io import read_json
+from digit.data.prepare import run_prepare
+from digit.runtime.images import MAX_IMAGE_PIXELS, BadImage, ImageDataset, load_image, load_manifest
+from digit.runtime.io import read_json
 
 
 def png_header(width: int, height: int) -> bytes:

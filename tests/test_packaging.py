@@ -2,10 +2,9 @@
 import re
 import subprocess
 import sys
+
 import tomllib
-
 import yaml
-
 from conftest import REPO
 
 

@@ -3,11 +3,11 @@ import json
 
 import numpy as np
 import pytest
-
-from digit.gpt import PRESETS
-from digit.probe import run_probe
-from digit.train import run_train_ar
 from test_train import CLASSES, K, N, sem_tokens, write_cache
+
+from digit.evaluate.probe import run_probe
+from digit.generate.gpt import PRESETS
+from digit.generate.train import run_train_ar
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from digit.report import run_report
+from digit.evaluate.report import run_report
 
 LOGS = {
     "vq": "step\tloss\trecon\tcommit\n10\t0.5\t0.4\t0.1\n20\t0.3\t0.25\t0.05\n",

@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from test_train import CLASSES, K_VQ, K, N, sem_tokens, write_cache
 
-from digit.io import sha256_file
-from digit.sample import run_sample, run_sample_shard, shard_indices
-from digit.upper_bound import chosen_images, run_upper_bound
-from digit.train import run_train_ar, run_train_decoder
-from digit.vq import build_vq
-from test_train import CLASSES, K, K_VQ, N, sem_tokens, write_cache
+from digit.evaluate.upper_bound import chosen_images, run_upper_bound
+from digit.generate.sample import run_sample, run_sample_shard, shard_indices
+from digit.generate.train import run_train_ar, run_train_decoder
+from digit.pixels.model import build_vq
+from digit.runtime.io import sha256_file
 
 # a random 8 px VQ model with a 4x4 grid of K_VQ codes
 VQ_ARCH = {"arch": "compact", "codebook_size": K_VQ, "code_dim": 4, "channels": 8, "channel_mult": [1, 1],
@@ -160,8 +160,8 @@ def test_a_killed_shard_redoes_only_itself(chain, tmp_path, monkeypatch):
         run_sample_shard(config, stage1, stage2, vq, shard, shards / str(shard))
     done = {shard: (shards / str(shard) / "shard.npz").stat().st_mtime_ns for shard in (0, 2)}
 
-    import digit.sample
-    real_save, saved = digit.sample.save_png, []
+    import digit.generate.sample
+    real_save, saved = digit.generate.sample.save_png, []
 
     def dies_after_one(image, path):  # the job is killed while writing its second image
         if len(saved) == 1:
@@ -169,10 +169,10 @@ def test_a_killed_shard_redoes_only_itself(chain, tmp_path, monkeypatch):
         saved.append(path)
         real_save(image, path)
 
-    monkeypatch.setattr(digit.sample, "save_png", dies_after_one)
+    monkeypatch.setattr(digit.generate.sample, "save_png", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
         run_sample_shard(config, stage1, stage2, vq, 1, shards / "1")
-    monkeypatch.setattr(digit.sample, "save_png", real_save)
+    monkeypatch.setattr(digit.generate.sample, "save_png", real_save)
     assert not (shards / "1").exists() and sorted(p.name for p in shards.iterdir()) == ["0", "2"]
     with pytest.raises(FileNotFoundError, match="run.shards/1 is missing or unfinished"):
         run_sample(config, shards, tmp_path / "run")

@@ -3,7 +3,6 @@
 job that reaches its time limit and is requeued, and submitit's local executor."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -14,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import REPO, shrink
-from digit import distributed
-from digit.config import load_config
-from digit.train import learning_rate, run_train_ar
-from digit.vq import run_train_vq
+from safetensors.torch import load_file
 from test_train import CLASSES, K, N, sem_tokens, write_cache
+
+from digit.generate.train import learning_rate, run_train_ar
+from digit.pixels.train import run_train_vq
+from digit.runtime import distributed
+from digit.runtime.config import load_config
 
 SCRIPT = REPO / "workflow" / "scripts" / "slurm-cluster.sh"
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO, shrink
 from PIL import Image
 
-from conftest import REPO, shrink
 from digit.cli import main
-from digit.config import load_config
-from digit.stability import add_noise, run_stability, unit_noise
-from digit.vq import run_train_vq
+from digit.evaluate.stability import add_noise, run_stability, unit_noise
+from digit.pixels.train import run_train_vq
+from digit.runtime.config import load_config
 
 SNR_DB = [60, 40, 20, 10, 0, -10, -20]
 

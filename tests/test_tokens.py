@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tokenize_all
-from digit.data import ImageDataset, load_manifest
-from digit.encoders import FeatureEncoder
-from digit.io import sha256_file
-from digit.tokens import assign, check_cache_matches, load_token_cache, run_tokenize, run_tokenize_shard
+
+from digit.runtime.images import ImageDataset, load_manifest
+from digit.runtime.io import sha256_file
+from digit.runtime.token_cache import check_cache_matches, load_token_cache
+from digit.tokenizer.encoders import FeatureEncoder
+from digit.tokenizer.tokens import assign, run_tokenize, run_tokenize_shard
 
 
 @pytest.fixture

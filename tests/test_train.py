@@ -10,14 +10,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import digit.train
-from digit.train import learning_rate, run_train_ar, run_train_decoder
+import digit.generate.train
+from digit.generate.train import learning_rate, run_train_ar, run_train_decoder
 
 N, VIEWS, T, K, K_VQ, CLASSES = 24, 2, 16, 16, 32, 3
 
 
 def write_cache(path, kind, tokens, labels, vocab_size, **meta):
-    """A token cache in the format of digit.tokens (train and val split alike)."""
+    """A token cache in the format of digit.tokenizer.tokens (train and val split alike)."""
     path.mkdir(parents=True)
     for split in ("train", "val"):
         np.save(path / f"{split}.npy", tokens.astype(np.uint16))
@@ -87,7 +87,7 @@ def test_stage2_maskgit_decoder_learns_the_masked_tokens(tiny_config, caches, tm
 
 @pytest.mark.parametrize("decoder", ["ar", "nar"])
 def test_trained_stages_load_back_as_the_same_models(tiny_config, caches, tmp_path, decoder):
-    from digit.train import load_stage
+    from digit.generate.train import load_stage
     tiny_config["stage2"]["decoder"] = decoder
     run_train_ar(tiny_config, caches[0], tmp_path / "stage1")
     run_train_decoder(tiny_config, *caches, tmp_path / "stage2")
@@ -106,7 +106,7 @@ def interrupt_at(stop_step, config, tokens_dir, out_dir, monkeypatch):
             raise KeyboardInterrupt
         return learning_rate(step, tc)
 
-    monkeypatch.setattr(digit.train, "learning_rate", interrupted)
+    monkeypatch.setattr(digit.generate.train, "learning_rate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_train_ar(config, tokens_dir, out_dir)
 
@@ -117,7 +117,7 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_config, caches, t
 
     interrupt_at(5, tiny_config, caches[0], tmp_path / "resumed", monkeypatch)
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "checkpoint").is_dir()
-    monkeypatch.setattr(digit.train, "learning_rate", learning_rate)
+    monkeypatch.setattr(digit.generate.train, "learning_rate", learning_rate)
     run_train_ar(tiny_config, caches[0], tmp_path / "resumed")
 
     straight = load_file(tmp_path / "straight" / "model.safetensors")
@@ -128,7 +128,7 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_config, caches, t
 
 def test_resume_refuses_a_checkpoint_of_another_vocabulary(tiny_config, caches, tmp_path, monkeypatch):
     interrupt_at(4, tiny_config, caches[0], tmp_path / "stage1", monkeypatch)
-    monkeypatch.setattr(digit.train, "learning_rate", learning_rate)
+    monkeypatch.setattr(digit.generate.train, "learning_rate", learning_rate)
     meta_path = caches[0] / "meta.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "vocab_size": 2 * K}))
     with pytest.raises(ValueError, match="vocab_size"):
@@ -137,7 +137,7 @@ def test_resume_refuses_a_checkpoint_of_another_vocabulary(tiny_config, caches, 
 
 def test_resume_refuses_a_checkpoint_of_another_codebook(tiny_config, caches, tmp_path, monkeypatch):
     interrupt_at(4, tiny_config, caches[0], tmp_path / "stage1", monkeypatch)
-    monkeypatch.setattr(digit.train, "learning_rate", learning_rate)
+    monkeypatch.setattr(digit.generate.train, "learning_rate", learning_rate)
     meta_path = caches[0] / "meta.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "codebook_sha256": "d" * 64}))
     with pytest.raises(ValueError, match="codebook_sha256"):

@@ -16,14 +16,14 @@ import torch
 import yaml
 from test_train import caches, interrupt_at  # noqa: F401 (caches is a fixture)
 
-import digit.train
-from digit.config import ConfigError, validate
-from digit.data import run_synthesize
-from digit.encoders import create_model
-from digit.metrics import NpzImages, check_inception_weights
-from digit.train import learning_rate, run_train_ar
-from digit.vq_losses import load_vgg16_features
-from digit.vqgan_weights import read_state_dict
+import digit.generate.train
+from digit.data.synthetic import run_synthesize
+from digit.evaluate.fidelity import NpzImages, check_inception_weights
+from digit.generate.train import learning_rate, run_train_ar
+from digit.pixels.losses import load_vgg16_features
+from digit.pixels.weights import read_state_dict
+from digit.runtime.config import ConfigError, validate
+from digit.tokenizer.encoders import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_training_checkpoint_is_refused_on_resume_unrun(tiny_config, caches, tmp
     interrupt_at(5, tiny_config, caches[0], tmp_path / "stage1", monkeypatch)
     state = tmp_path / "stage1.partial" / "checkpoint" / "state.pt"
     torch.save(torch.load(state, weights_only=True) | {"extra": Payload(marker)}, state)
-    monkeypatch.setattr(digit.train, "learning_rate", learning_rate)
+    monkeypatch.setattr(digit.generate.train, "learning_rate", learning_rate)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         run_train_ar(tiny_config, caches[0], tmp_path / "stage1")
     assert not marker.exists()

@@ -5,10 +5,12 @@ import torch.nn.functional as F
 import torchvision
 from safetensors.torch import load_file, save_file
 
-from digit.data import ImageDataset, load_manifest, to_float
-from digit.io import read_json, sha256_file
-from digit.vq import Quantizer, VQModel, codebook_usage, load_vq, run_tokenize_vq, run_train_vq
-from digit.vq_losses import PerceptualLoss
+from digit.pixels.losses import PerceptualLoss
+from digit.pixels.model import Quantizer, VQModel, codebook_usage, load_vq
+from digit.pixels.tokenize import run_tokenize_vq
+from digit.pixels.train import run_train_vq
+from digit.runtime.images import ImageDataset, load_manifest, to_float
+from digit.runtime.io import read_json, sha256_file
 
 
 def test_straight_through_gradient_reaches_the_encoder():

@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
-from digit.io import read_json
-from digit.vq import build_vq, load_vq, run_tokenize_vq, run_train_vq
-from digit.vqgan_weights import convert_taming, load_pretrained
 from conftest import REPO
+
+from digit.pixels.model import build_vq, load_vq
+from digit.pixels.tokenize import run_tokenize_vq
+from digit.pixels.train import run_train_vq
+from digit.pixels.weights import convert_taming, load_pretrained
+from digit.runtime.io import read_json
 
 MAGE = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, n_embed=1024)
 SMALL = dict(ch=8, ch_mult=(1, 2, 2), num_res_blocks=2, z_channels=8, n_embed=32)

@@ -39,9 +39,9 @@ if "KILL_PAUSE" in os.environ:
         return wrapper
 
     if point in ("enter", "rename", "exit"):
-        import digit.io
+        import digit.runtime.io
 
-        atomic_dir = digit.io.atomic_dir
+        atomic_dir = digit.runtime.io.atomic_dir
 
         @contextlib.contextmanager
         def paused_atomic_dir(path):
@@ -51,22 +51,22 @@ if "KILL_PAUSE" in os.environ:
                 reached("rename", path)
             reached("exit", path)
 
-        digit.io.atomic_dir = paused_atomic_dir
+        digit.runtime.io.atomic_dir = paused_atomic_dir
     elif point == "batch":  # before the stages import it by name
-        import digit.encoders
+        import digit.tokenizer.encoders
 
-        encode_batches = digit.encoders.encode_batches
+        encode_batches = digit.tokenizer.encoders.encode_batches
 
         def paused_encode_batches(*args, **kwargs):
             for batch in encode_batches(*args, **kwargs):
                 yield batch
                 reached("batch")
 
-        digit.encoders.encode_batches = paused_encode_batches
+        digit.tokenizer.encoders.encode_batches = paused_encode_batches
     elif point == "png":
-        import digit.sample
+        import digit.generate.sample
 
-        digit.sample.save_png = after(digit.sample.save_png, "png")
+        digit.generate.sample.save_png = after(digit.generate.sample.save_png, "png")
     elif point == "cache":
         import torch_fidelity.utils
 

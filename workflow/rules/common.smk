@@ -4,7 +4,7 @@ import shlex
 
 import yaml
 
-from digit.config import check_feasible
+from digit.runtime.config import check_feasible
 
 if not workflow.configfiles:
     configfile: "config/config.yaml"

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digit.config import resolve_device
-from digit.data import keyed_seed, load_image, load_manifest
-from digit.io import atomic_dir, open_memmap_for_writing, provenance, sha256_file, write_json
-from digit.shards import read_shard_records, shard_range
+from digit.runtime.config import resolve_device
+from digit.runtime.images import keyed_seed, load_image, load_manifest
+from digit.runtime.io import atomic_dir, open_memmap_for_writing, provenance, sha256_file, write_json
+from digit.runtime.shards import read_shard_records, shard_range
 
 
 class CropFlipViews(torch.utils.data.Dataset):
@@ -52,7 +52,7 @@ def feature_settings(config: dict) -> dict:
 def run_features_shard(config: dict, manifest_path: str | Path, shard: str | int, out_dir: str | Path) -> None:
     """Shard `shard` of kmeans.feature_shards: features.npy, float16 [n, T, D] patch features of its
     part of the `kmeans.sample_fraction` sample of train, and meta.json."""
-    from digit.encoders import FeatureEncoder, encode_batches  # timm on use too
+    from digit.tokenizer.encoders import FeatureEncoder, encode_batches  # timm on use too
 
     km, shard = config["kmeans"], int(shard)
     train = load_manifest(manifest_path)["splits"]["train"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from digit.config import resolve_device
-from digit.features import load_feature_shards
-from digit.io import atomic_dir, provenance, save_npy, sha256_file, write_json
+from digit.runtime.config import resolve_device
+from digit.runtime.io import atomic_dir, provenance, save_npy, sha256_file, write_json
+from digit.tokenizer.features import load_feature_shards
 
 # faiss-cpu and faiss-gpu-cu12 both install the module faiss; pip cannot hold both at once.
 FAISS_GPU_INSTALL = "pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12"

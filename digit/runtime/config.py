@@ -156,7 +156,7 @@ def check_feasible(config: dict, source: str = "config", machine: bool = True, g
     if machine:
         problems = _file_problems(config)
         if counts is None:
-            from digit.data import count_images
+            from digit.runtime.images import count_images
 
             try:
                 counts = count_images(config["data"]["root"])

@@ -119,7 +119,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         # torch here, in the job: the digit CLI imports this module, and kmeans or report need no torch
         import torch
 
-        from digit import distributed
+        from digit.runtime import distributed
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         torch.set_num_threads(self.threads)  # the CPUs of this process, not those of the submitting one

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from digit.config import resolve_device
-from digit.data import keyed_seed, to_uint8
-from digit.gpt import GPT, generate_masked
-from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
-from digit.shards import read_shard_records, shard_range
-from digit.train import load_stage
-from digit.vq import load_vq
+from digit.generate.gpt import GPT, generate_masked
+from digit.generate.train import load_stage
+from digit.pixels.model import load_vq
+from digit.runtime.config import resolve_device
+from digit.runtime.images import keyed_seed, to_uint8
+from digit.runtime.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.runtime.shards import read_shard_records, shard_range
 
 GRID_COLUMNS = 10
 

@@ -22,13 +22,13 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from digit.config import resolve_device
-from digit.data import ImageDataset, load_manifest, to_float
-from digit.encoders import FeatureEncoder
-from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
-from digit.tokens import assign, load_codebook_for
-from digit.upper_bound import chosen_images
-from digit.vq import load_vq
+from digit.evaluate.upper_bound import chosen_images
+from digit.pixels.model import load_vq
+from digit.runtime.config import resolve_device
+from digit.runtime.images import ImageDataset, load_manifest, to_float
+from digit.runtime.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.tokenizer.encoders import FeatureEncoder
+from digit.tokenizer.tokens import assign, load_codebook_for
 
 TOKENIZERS = ("discriminative", "vq")
 LABELS = {"discriminative": "discriminative (K-means)", "vq": "VQ"}

@@ -23,14 +23,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
-from digit import distributed
-from digit.config import resolve_device
-from digit.gpt import GPT, PRESETS, GPTConfig, mask_ratio
-from digit.io import atomic_dir, provenance, read_json, write_json
-from digit.tokens import check_cache_matches, load_token_cache
+from digit.generate.gpt import GPT, PRESETS, GPTConfig, mask_ratio
+from digit.runtime import distributed
+from digit.runtime.checkpoint import PartialRun, write_state
+from digit.runtime.config import resolve_device
+from digit.runtime.io import atomic_dir, provenance, read_json, write_json
+from digit.runtime.schedule import cosine
+from digit.runtime.token_cache import load_checked_cache
 
 LOG_HEADER = "step\tloss\tlr\ttokens_per_s\tgrad_norm\n"
 IGNORE = -100  # target of a position without loss (cross_entropy's ignore_index)
@@ -43,7 +45,7 @@ def learning_rate(step: int, tc: dict) -> float:
         return tc["lr"] * step / warmup
     if tc["schedule"] == "cosine":
         progress = (step - warmup) / max(1, tc["steps"] - warmup)
-        return tc["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
+        return tc["lr"] * cosine(progress)
     return tc["lr"] * math.sqrt(max(1, warmup) / step)
 
 
@@ -56,18 +58,6 @@ def make_optimizer(model: nn.Module, tc: dict) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": tc["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=tc["lr"], betas=(0.9, 0.98), fused=fused)
-
-
-def load_checked_cache(tokens_dir: str | Path, kind: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The train split of a token cache, after checking its kind, that its vocabulary is the one the
-    config asks for, and that its tokens fit that vocabulary."""
-    tokens, labels, meta = load_token_cache(tokens_dir, "train")
-    check_cache_matches(meta, {"kind": kind, "vocab_size": vocab_size}, source=f"token cache {tokens_dir}")
-    top = int(tokens.max())
-    if top >= meta["vocab_size"]:
-        raise ValueError(f"token cache {tokens_dir} holds token {top}, outside its vocab_size "
-                         f"{meta['vocab_size']} (meta.json)")
-    return tokens, labels, meta
 
 
 def run_train_ar(config: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
@@ -171,27 +161,29 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, draw, cache
     procs, device = distributed.setup(resolve_device(config))
     micro = micro_batch_size(tc, stage, procs.world_size)
     record = {**record, "preset": tc["preset"], "seed": config["seed"], "training": _training_record(tc)}
-    partial = out_dir.with_name(out_dir.name + ".partial")
+    run = PartialRun(out_dir, record, LOG_HEADER)
     torch.manual_seed(config["seed"])
     model = GPT(gpt_cfg).to(device)
     model.activation_checkpointing = tc["activation_checkpointing"]
     optimizer = make_optimizer(model, tc)
     generator = torch.Generator().manual_seed(config["seed"])
+    state = {"model": model, "optimizer": optimizer, "generator": generator}
     if procs.is_main:
-        _start_or_check(partial, record)
+        run.start_or_check()
     procs.barrier()
-    step = _load_checkpoint(partial, model, optimizer, generator, truncate_log=procs.is_main)
+    resumed = run.resume(state, device, truncate_log=procs.is_main)
+    step = resumed["step"] if resumed else 0
     net = DistributedDataParallel(model) if procs.world_size > 1 else model
     if tc["compile"]:
         net = torch.compile(net)
     num_images, num_views = cache_shape
 
     model.train()
-    log = (partial / "log.tsv").open("a") if procs.is_main else contextlib.nullcontext()
+    log = run.log_path.open("a") if procs.is_main else contextlib.nullcontext()
     with log:
         while step < tc["steps"]:
             if procs.any(distributed.stop_requested.is_set()):
-                _stop(procs, partial, model, optimizer, generator, step, stage)
+                _stop(procs, run, state, step, stage)
             step += 1
             start = time.perf_counter()
             # the global batch: the same draws in every process, whatever the split
@@ -227,28 +219,26 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, draw, cache
                 log.write(f"{step}\t{loss:.5f}\t{lr:.6g}\t{rate:.0f}\t{grad_norm:.4f}\n")
                 log.flush()
                 if step % tc["checkpoint_every"] == 0 and step < tc["steps"]:
-                    with atomic_dir(partial / "checkpoint") as tmp:
-                        _write_checkpoint(tmp, model, optimizer, generator, step)
+                    run.save(state, step)
 
     if procs.is_main:
         with atomic_dir(out_dir) as tmp:
-            _write_checkpoint(tmp, model, optimizer, generator, step)
-            shutil.copy(partial / "log.tsv", tmp / "log.tsv")
+            write_state(tmp, state, step)
+            shutil.copy(run.log_path, tmp / "log.tsv")
             write_json(tmp / "model.json", {**record, "final_loss": loss,
                                             "provenance": provenance({"seed": config["seed"], stage: tc}, inputs)})
-        shutil.rmtree(partial)
+        run.finish()
         print(f"{stage}: {step} steps, final loss {loss:.4f}")
     procs.barrier()
     distributed.teardown(procs)
 
 
-def _stop(procs, partial: Path, model: GPT, optimizer, generator: torch.Generator, step: int, stage: str) -> None:
+def _stop(procs, run: PartialRun, state: dict, step: int, stage: str) -> None:
     """Checkpoint the finished steps and raise Stopped (the launcher asked; every process calls this)."""
     if procs.is_main:
-        with atomic_dir(partial / "checkpoint") as tmp:
-            _write_checkpoint(tmp, model, optimizer, generator, step)
+        run.save(state, step)
     procs.barrier()
-    raise distributed.Stopped(f"{stage}: stopped after step {step}, checkpoint in {partial}")
+    raise distributed.Stopped(f"{stage}: stopped after step {step}, checkpoint in {run.dir}")
 
 
 # how the run is executed, not what it computes: a checkpoint may resume under other values
@@ -257,43 +247,3 @@ EXECUTION_KEYS = ("compile", "activation_checkpointing", "checkpoint_every")
 
 def _training_record(tc: dict) -> dict:
     return {key: value for key, value in tc.items() if key not in EXECUTION_KEYS}
-
-
-def _start_or_check(partial: Path, record: dict) -> None:
-    """Start `partial` afresh, or check that its checkpoint was made for the same record."""
-    if not (partial / "checkpoint").is_dir():
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        (partial / "log.tsv").write_text(LOG_HEADER)
-        write_json(partial / "record.json", record)
-        return
-    saved = read_json(partial / "record.json")
-    differ = sorted(k for k in record.keys() | saved.keys() if record.get(k) != saved.get(k))
-    if differ:
-        raise ValueError(f"the checkpoint in {partial} was made with other {', '.join(differ)} "
-                         f"(e.g. {differ[0]}: {saved.get(differ[0])!r}, now {record.get(differ[0])!r}); "
-                         f"delete {partial} to start over")
-
-
-def _load_checkpoint(partial: Path, model: GPT, optimizer, generator: torch.Generator, truncate_log: bool) -> int:
-    """Load the checkpoint in `partial` if there is one. Returns the step to continue from."""
-    checkpoint = partial / "checkpoint"
-    if not checkpoint.is_dir():
-        return 0
-    device = next(model.parameters()).device
-    model.load_state_dict(load_file(checkpoint / "model.safetensors", device=str(device)))
-    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    if truncate_log:
-        # the log may run past the checkpoint: drop the steps that will be redone
-        rows = (partial / "log.tsv").read_text().splitlines(keepends=True)
-        (partial / "log.tsv").write_text("".join(rows[:1 + state["step"]]))
-        print(f"resuming from step {state['step']} in {checkpoint}")
-    return state["step"]
-
-
-def _write_checkpoint(directory: Path, model: GPT, optimizer, generator: torch.Generator, step: int) -> None:
-    save_file(model.state_dict(), directory / "model.safetensors")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "generator": generator.get_state()},
-               directory / "state.pt")

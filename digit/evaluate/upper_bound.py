@@ -14,15 +14,21 @@ import torch
 from torch.utils.data import TensorDataset
 from torchvision.utils import make_grid
 
-from digit.config import resolve_device
-from digit.data import ImageDataset, load_manifest, to_float, to_uint8
-from digit.io import atomic_dir, provenance, read_json, sha256_file, write_json
-from digit.metrics import (ImagesOnly, check_inception_weights, fidelity_metrics, inception_weights,
-                           reference_cache_name, val_reference_record)
-from digit.sample import decode_stage2, save_png
-from digit.tokens import check_cache_matches, load_token_cache
-from digit.train import load_stage
-from digit.vq import load_vq, peak_snr
+from digit.evaluate.fidelity import (
+    ImagesOnly,
+    check_inception_weights,
+    fidelity_metrics,
+    inception_weights,
+    reference_cache_name,
+    val_reference_record,
+)
+from digit.generate.sample import decode_stage2, save_png
+from digit.generate.train import load_stage
+from digit.pixels.model import load_vq, peak_snr
+from digit.runtime.config import resolve_device
+from digit.runtime.images import ImageDataset, load_manifest, to_float, to_uint8
+from digit.runtime.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.runtime.token_cache import check_cache_matches, load_token_cache
 
 GRID_ROWS = 8  # images shown in grid.png: each as original, VQ reconstruction, stage-2 reconstruction
 

@@ -5,7 +5,7 @@ import csv
 import shutil
 from pathlib import Path
 
-from digit.io import atomic_dir, atomic_path, provenance, read_json, write_json
+from digit.runtime.io import atomic_dir, atomic_path, provenance, read_json, write_json
 
 STAGES = ("vq", "stage1", "stage2")
 

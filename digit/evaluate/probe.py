@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from digit.config import resolve_device
-from digit.io import atomic_dir, provenance, write_json
-from digit.train import load_stage
-from digit.tokens import check_cache_matches, load_token_cache
+from digit.generate.train import load_stage
+from digit.runtime.config import resolve_device
+from digit.runtime.io import atomic_dir, provenance, write_json
+from digit.runtime.schedule import cosine
+from digit.runtime.token_cache import check_cache_matches, load_token_cache
 
 
 def hidden_prefix(meta: dict) -> int:
@@ -55,7 +56,7 @@ def train_probes(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
     optimizer = torch.optim.SGD([weight, bias], lr=pc["lr"], momentum=0.9)
     steps_per_epoch = math.ceil(n / pc["batch_size"])
     total = pc["epochs"] * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, total))
     generator = torch.Generator().manual_seed(seed)
     epoch_losses = []
     for _ in range(pc["epochs"]):

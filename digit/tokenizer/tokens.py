@@ -1,7 +1,7 @@
 """Discriminative tokens: each patch feature mapped to its nearest codebook centroid, and the cache.
 
-The token cache holds, per split, uint16 [N, V, T] (images x views x row-major grid tokens) and
-int64 labels. VQ token caches share the format, the reader and the fit check.
+The token cache (digit/runtime/token_cache.py) holds, per split, uint16 [N, V, T] tokens (images x
+views x row-major grid tokens) and int64 labels.
 """
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from digit.config import resolve_device
-from digit.data import SPLITS, ImageDataset, load_manifest
-from digit.io import atomic_dir, open_memmap_for_writing, provenance, read_json, sha256_file, write_json
-from digit.shards import read_shard_records, shard_range
+from digit.runtime.config import resolve_device
+from digit.runtime.images import SPLITS, ImageDataset, load_manifest
+from digit.runtime.io import atomic_dir, provenance, read_json, sha256_file
+from digit.runtime.shards import read_shard_records, shard_range
+from digit.runtime.token_cache import check_cache_matches, write_meta, write_split
 
 if TYPE_CHECKING:
-    from digit.encoders import FeatureEncoder
+    from digit.tokenizer.encoders import FeatureEncoder
 
 
 def assign(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -36,14 +37,6 @@ def assign(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     for part, out in zip(x.split(rows), ids.split(rows)):
         torch.argmin(torch.addmm(codebook_sq, part, minus_two_codebook_t, out=distances[:len(part)]), 1, out=out)
     return ids
-
-
-def check_cache_matches(meta: dict, expected: dict, source: str = "token cache") -> None:
-    """Raise ValueError naming every key of `expected` that `meta` lacks or has another value for."""
-    wrong = [f"{key} is {meta.get(key, '<missing>')!r}, expected {value!r}"
-             for key, value in expected.items() if meta.get(key) != value]
-    if wrong:
-        raise ValueError(f"{source} does not fit: " + "; ".join(wrong))
 
 
 def load_codebook(codebook_dir: str | Path) -> tuple[np.ndarray, dict]:
@@ -91,7 +84,7 @@ def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: st
     """Shard `shard` of tokenize.shards, over the train images then the val images: <split>.npy
     uint16 [n, V, T] for every view of `tokenize.views`, <split>_labels.npy, and meta.json."""
     # timm and torchvision on use: the stages that read token caches (training, probe) start without them
-    from digit.encoders import FeatureEncoder, encode_batches
+    from digit.tokenizer.encoders import FeatureEncoder, encode_batches
 
     device, shard, tc = resolve_device(config), int(shard), config["tokenize"]
     manifest = load_manifest(manifest_path)
@@ -104,18 +97,16 @@ def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: st
     ranges = split_ranges(manifest, shard_range(total, tc["shards"], shard, "tokenize.shards"))
     with atomic_dir(out_dir) as tmp:
         for split, part in ranges.items():
-            tokens = open_memmap_for_writing(tmp / f"{split}.npy", np.uint16, (len(part), len(views), num_tokens))
-            for v, view in enumerate(views):
-                dataset = torch.utils.data.Subset(ImageDataset(manifest, split, size, view=view), part)
-                offset = 0
-                for features, _ in encode_batches(encoder, dataset, tc["batch_size"]):
-                    ids = assign(features.flatten(0, 1), codebook).view(len(features), num_tokens)
-                    tokens[offset:offset + len(features), v] = ids.cpu().numpy()
-                    offset += len(features)
-            tokens.flush()
-            del tokens
-            np.save(tmp / f"{split}_labels.npy", ImageDataset(manifest, split, size).labels()[part.start:part.stop])
-        write_json(tmp / "meta.json", {
+            labels = ImageDataset(manifest, split, size).labels()[part.start:part.stop]
+            with write_split(tmp, split, (len(part), len(views), num_tokens), labels) as tokens:
+                for v, view in enumerate(views):
+                    dataset = torch.utils.data.Subset(ImageDataset(manifest, split, size, view=view), part)
+                    offset = 0
+                    for features, _ in encode_batches(encoder, dataset, tc["batch_size"]):
+                        ids = assign(features.flatten(0, 1), codebook).view(len(features), num_tokens)
+                        tokens[offset:offset + len(features), v] = ids.cpu().numpy()
+                        offset += len(features)
+        write_meta(tmp, {
             "shard": shard, "shards": tc["shards"], "ranges": {k: [r.start, r.stop] for k, r in ranges.items()},
             "kind": "discriminative", "vocab_size": len(codebook), "grid": list(encoder.grid), "views": views,
             "num_classes": len(manifest["classes"]), "classes": manifest["classes"],
@@ -137,29 +128,12 @@ def run_tokenize(config: dict, shards_dir: str | Path, out_dir: str | Path) -> N
             covered = [tuple(r["ranges"][split]) for r in records]
             if any(a[1] != b[0] for a, b in zip(covered, covered[1:])) or covered[0][0] != 0:
                 raise ValueError(f"the tokenize shards in {shards_dir} do not cover {split} once each: {covered}")
-            tokens = open_memmap_for_writing(tmp / f"{split}.npy", np.uint16, (covered[-1][1], *parts[0].shape[1:]))
-            for (start, stop), part in zip(covered, parts):
-                tokens[start:stop] = part
-            tokens.flush()
-            del tokens
-            np.save(tmp / f"{split}_labels.npy",
-                    np.concatenate([np.load(shards_dir / str(i) / f"{split}_labels.npy") for i in range(len(records))]))
+            labels = np.concatenate([np.load(shards_dir / str(i) / f"{split}_labels.npy") for i in range(len(records))])
+            with write_split(tmp, split, (covered[-1][1], *parts[0].shape[1:]), labels) as tokens:
+                for (start, stop), part in zip(covered, parts):
+                    tokens[start:stop] = part
         meta = {k: v for k, v in records[0].items() if k not in ("shard", "ranges")}
         meta["provenance"]["inputs"] |= {f"shard_{i}": sha256_file(shards_dir / str(i) / "meta.json")
                                          for i in range(len(records))}
-        write_json(tmp / "meta.json", meta)
+        write_meta(tmp, meta)
     print(f"tokenize: merged {len(records)} shards into {out_dir}")
-
-
-def load_token_cache(cache_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(tokens uint16 [N, V, T] memory-mapped, labels int64 [N], meta) of one split of a token cache."""
-    cache_dir = Path(cache_dir)
-    paths = [cache_dir / f"{split}.npy", cache_dir / f"{split}_labels.npy", cache_dir / "meta.json"]
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"token cache file {path} does not exist")
-    tokens, labels, meta = np.load(paths[0], mmap_mode="r"), np.load(paths[1]), read_json(paths[2])
-    if tokens.dtype != np.uint16 or tokens.ndim != 3 or labels.shape != (len(tokens),):
-        raise ValueError(f"{paths[0]} is not a token cache: expected uint16 [N, V, T] and {len(labels)} labels, "
-                         f"got {tokens.dtype} {list(tokens.shape)}")
-    return tokens, labels, meta

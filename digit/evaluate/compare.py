@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from digit.config import load_config, results_dir
-from digit.io import read_json
+from digit.runtime.config import load_config, results_dir
+from digit.runtime.io import read_json
 
 # Shown when a single config leaves no differences to show.
 KEY_SETTINGS = ("encoder.arch", "kmeans.k", "stage1.preset", "stage2.decoder", "sample.top_k", "sample.cfg_scale")

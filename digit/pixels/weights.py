@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from digit.vq import VQModel
+from digit.pixels.model import VQModel
 
 # (our key, its taming key given the match m and the number of levels n). taming counts the
 # decoder's levels from the full resolution up, in the order opposite to the one they run in.

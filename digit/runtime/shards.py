@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digit.io import read_json
+from digit.runtime.io import read_json
 
 
 def shard_range(count: int, shards: int, shard: int, key: str, unit: str = "items") -> range:

@@ -1,0 +1,169 @@
+"""Image folders as every stage reads them: decoding (checked), the manifest, preprocessing, datasets.
+
+An image folder has `train/<class>/*` and `val/<class>/*`; prepare (digit/data/prepare.py) indexes
+it into a manifest that every later stage reads instead of the folder.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from digit.runtime.io import read_json
+
+SPLITS = ("train", "val")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+
+
+# Images with more pixels are refused before they are decoded: a file of a few bytes can declare a
+# huge canvas (a decompression bomb). 10^8 pixels (10,000 x 10,000) is far above any photo dataset.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; `reason` is the short cause that prepare's report counts."""
+
+    def __init__(self, path: str | Path, reason: str, detail: str):
+        super().__init__(f"cannot read image {path}: {reason} ({detail})")
+        self.path, self.reason = str(path), reason
+
+
+def _decode(path: Path) -> Image.Image:
+    if path.stat().st_size == 0:
+        raise BadImage(path, "empty file", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            # PIL's own global limit only warns below twice its value; MAX_IMAGE_PIXELS decides here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise BadImage(path, "too large", f"{im.width}x{im.height} pixels, more than MAX_IMAGE_PIXELS = "
+                                                      f"{MAX_IMAGE_PIXELS}: a decompression bomb?")
+                im.load()
+                return ImageOps.exif_transpose(im)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(path, "too large", str(e)) from e
+    except UnidentifiedImageError as e:
+        raise BadImage(path, "not an image", "no image format recognises it") from e
+    except OSError as e:
+        # an errno means the file system refused (permissions, gone); none means the decoder did
+        raise BadImage(path, "unreadable" if e.errno else "truncated or corrupt", str(e)) from e
+    except (ValueError, SyntaxError, struct.error) as e:
+        raise BadImage(path, "truncated or corrupt", str(e)) from e
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode any supported image to 8-bit RGB, upright (EXIF orientation applied), transparency
+    composited on white; raise BadImage naming the file and the reason if it cannot be."""
+    im = _decode(Path(path))
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: PIL's convert("RGB") clips at 255, so map 0..65535 onto 0..255 first.
+        array = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257
+        im = Image.fromarray(np.round(array).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return im.convert("RGB")
+
+
+def count_images(root: str | Path) -> tuple[int, int, int]:
+    """(train images, val images, train classes) of an image folder as prepare finds them, without
+    opening a file: for the checks before a run (digit.runtime.config.check_feasible), fast on a million images."""
+    per_class = {}
+    for split in SPLITS:
+        if not (Path(root) / split).is_dir():
+            raise FileNotFoundError(f"image folder {root} has no '{split}/' directory")
+        per_class[split] = [sum(Path(name).suffix.lower() in IMAGE_EXTENSIONS
+                                for _, _, files in os.walk(entry.path) for name in files)
+                            for entry in os.scandir(Path(root) / split) if entry.is_dir()]
+    return sum(per_class["train"]), sum(per_class["val"]), sum(n > 0 for n in per_class["train"])
+
+
+
+def load_manifest(path: str | Path) -> dict:
+    manifest = read_json(path)
+    if not {"classes", "splits"} <= manifest.keys():
+        raise ValueError(f"{path} is not a digit manifest (needs 'classes' and 'splits')")
+    return manifest
+
+
+
+def preprocess(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the shorter side to `size` and center-crop: uint8 tensor [3, size, size]."""
+    # on use: importing torchvision takes ~2.5 s (it loads torch._dynamo), which token-only stages skip
+    import torchvision.transforms.v2.functional as TF
+
+    tensor = TF.pil_to_tensor(image)
+    tensor = TF.resize(tensor, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(tensor, [size, size])
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255]."""
+    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """The images of one split of a manifest, in manifest order, as uint8 [3, size, size] tensors."""
+
+    def __init__(self, manifest: dict, split: str, size: int, view: str = "identity"):
+        if view not in ("identity", "hflip"):
+            raise ValueError(f"unknown view '{view}' (expected identity or hflip)")
+        self.entries = manifest["splits"][split]
+        self.size = size
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def labels(self) -> np.ndarray:
+        return np.array([e["label"] for e in self.entries], dtype=np.int64)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        entry = self.entries[index]
+        image = preprocess(load_image(entry["path"]), self.size)
+        if self.view == "hflip":
+            image = image.flip(-1)
+        return image, entry["label"]
+
+
+def keyed_seed(seed: int, key: int) -> int:
+    """A seed that depends only on (seed, key): for a draw that must not depend on how the work is
+    split into shards, batches or resumed runs."""
+    return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
+
+
+def random_batches(manifest: dict, size: int, batch_size: int, seed: int, first_step: int = 1):
+    """Endless batches of train images (uint8) and labels, from training step `first_step` on: a new
+    shuffle each epoch, each image flipped with probability 1/2. The batch of step s depends only on
+    (seed, s), so a run resumed at step s draws exactly what an uninterrupted run would have."""
+    dataset = ImageDataset(manifest, "train", size)
+    per_epoch = len(dataset) // batch_size  # an epoch's last partial batch is dropped
+    if per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} is larger than the train split ({len(dataset)} images)")
+    shuffled = None
+    for step in itertools.count(first_step):
+        epoch, position = divmod(step - 1, per_epoch)
+        if epoch != shuffled:
+            generator = torch.Generator().manual_seed(keyed_seed(seed, epoch))
+            order = torch.randperm(len(dataset), generator=generator)
+            flips = torch.rand(len(dataset), generator=generator) < 0.5
+            shuffled = epoch
+        batch = slice(position * batch_size, (position + 1) * batch_size)
+        images, labels = zip(*(dataset[i] for i in order[batch].tolist()))
+        images = torch.stack(images)
+        yield torch.where(flips[batch, None, None, None], images.flip(-1), images), torch.tensor(labels)
