@@ -38,15 +38,15 @@ def test_report_outputs(tiny_config, stage_dirs, in_tmp):
     out = in_tmp / "results" / "tiny"
     report(tiny_config, stage_dirs, out)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == {"experiment": "tiny", "fid": 12.5, "cas": 0.4, "chance": 0.1,
-                       "probe_top1_best": 0.7, "probe_best_layer": 2, "upper_bound_fid": 3.0, "vq_recon_psnr": 25.0,
-                       "vq_final_loss": 0.3, "vq_steps": 20, "stage1_final_loss": 3.5, "stage1_steps": 6,
-                       "stage2_final_loss": 2.5, "stage2_steps": 6}
+    assert metrics == {"fid": 12.5, "cas": 0.4, "chance": 0.1, "probe_top1_best": 0.7, "upper_bound_fid": 3.0,
+                       "vq_recon_psnr": 25.0, "vq_final_loss": 0.3, "stage1_final_loss": 3.5, "stage2_final_loss": 2.5}
+    details = json.loads((out / "report.json").read_text())["details"]
+    assert details == {"experiment": "tiny", "probe_best_layer": 2, "vq_steps": 20, "stage1_steps": 6, "stage2_steps": 6}
     for stage, log in LOGS.items():
         assert (out / "curves" / f"{stage}.tsv").read_text() == log
     assert (out / "curves" / "probe.tsv").read_text() == PROBE_LAYERS
     assert (out / "grid.png").read_bytes() == b"\x89PNG fake"
-    assert "inputs" in json.loads((out / "report.json").read_text())
+    assert "inputs" in json.loads((out / "report.json").read_text())["provenance"]
 
 
 def test_report_names_a_missing_log(tiny_config, stage_dirs, in_tmp):
@@ -60,4 +60,5 @@ def test_a_pretrained_vq_model_reports_zero_steps(tiny_config, stage_dirs, in_tm
     (stage_dirs["vq"] / "log.tsv").write_text(LOGS["vq"].splitlines(keepends=True)[0])  # header only
     report(tiny_config, stage_dirs, in_tmp / "out")
     metrics = json.loads((in_tmp / "out" / "metrics.json").read_text())
-    assert metrics["vq_steps"] == 0 and "vq_final_loss" not in metrics
+    report = json.loads((in_tmp / "out" / "report.json").read_text())
+    assert report["details"]["vq_steps"] == 0 and "vq_final_loss" not in metrics

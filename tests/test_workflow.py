@@ -1,5 +1,4 @@
 """The workflow layer: config validation, the Snakemake DAG, and its agreement with dvc.yaml."""
-import os
 import re
 import subprocess
 import sys
@@ -9,6 +8,11 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow" / "scripts"))
+from dvc_yaml import generate, planned_jobs, render  # noqa: E402
+
+from digit.stages import COMMANDS, STAGE_OF_RULE  # noqa: E402
+
 RULES = {"synthesize", "prepare", "features_shard", "features", "kmeans", "tokenize_shard", "tokenize", "train_vq", "tokenize_vq",
          "train_ar", "train_decoder", "probe", "sample_shard", "sample", "train_classifier", "evaluate",
          "upper_bound", "stability", "report"}
@@ -22,21 +26,6 @@ GROUPED = {"features": ["features_shard", "features"], "tokenize": ["tokenize_sh
 def snakemake(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args],
                           cwd=cwd, capture_output=True, text=True)
-
-
-def planned_jobs(output: str) -> dict[str, dict[str, list[str]]]:
-    """Parse a dry run's job listing: rule -> {'input': [...], 'output': [...]}, over all its jobs."""
-    jobs = {}
-    for block in re.split(r"\n(?=(?:localrule|rule) )", output):
-        head = re.match(r"(?:localrule|rule) (\w+):", block)
-        if not head:
-            continue
-        fields = jobs.setdefault(head.group(1), {"input": [], "output": []})
-        for key in fields:
-            m = re.search(rf"^\s+{key}: (.+)$", block, re.M)
-            if m:
-                fields[key] += [p.strip() for p in m.group(1).split(",")]
-    return jobs
 
 
 def fake_imagenet(root: Path, classes=("n01440764", "n01443537")):
@@ -96,49 +85,27 @@ def test_lint_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dvc_stages_mirror_the_snakemake_rules(in_tmp):
-    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    assert dvc["vars"] == ["config/config.yaml"]
-    stages = dvc["stages"]
-    grouped = {rule for rules in GROUPED.values() for rule in rules}
-    assert set(stages) == RULES - grouped | set(GROUPED)
-
-    dry = snakemake("-n", "--configfile", str(REPO / "config/config.yaml"), "-d", str(in_tmp), "all", *TARGETS)
-    jobs = planned_jobs(dry.stdout)
-    sys.path.insert(0, str(REPO / "workflow" / "rules"))
-    stage_params = _stage_params()
-
-    def resolve(path):
-        return path.replace("${experiment}", config["experiment"])
-
-    def paths(entries):
-        return sorted(resolve(next(iter(e)) if isinstance(e, dict) else e) for e in entries)
-
-    # the shards of a target-only group are one DVC output: their folder
-    folder_of = {out: os.path.dirname(out) for target in TARGETS for out in jobs[GROUPED[target][0]]["output"]}
-    for name, stage in stages.items():
-        rules = " ".join(GROUPED.get(name, [name]))
-        assert f"--allowed-rules {rules} --forcerun {rules} -- {name}" in stage["cmd"], name
-        deps = [d for d in paths(stage.get("deps", [])) if not d.startswith("digit/")]
-        made_inside = {folder_of.get(o, o) for rule in GROUPED.get(name, [name]) for o in jobs[rule]["output"]}
-        inputs = {folder_of.get(i, i) for rule in GROUPED.get(name, [name]) for i in jobs[rule]["input"]} - made_inside
-        assert deps == sorted(inputs), name
-        outs = paths(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []))
-        made = jobs[name]["output"] or made_inside  # a target-only rule: its shards' folder
-        assert outs == sorted(made), name
-        (params,) = stage["params"]
-        assert params["config/config.yaml"] == stage_params[name], name
-        for dep in stage.get("deps", []):
-            if dep.startswith("digit/"):
-                assert (REPO / dep).is_file(), dep
+def test_dvc_yaml_is_generated_from_the_stage_table_and_the_dag():
+    """dvc.yaml is what workflow/scripts/dvc_yaml.py writes for the demo: regenerate it after
+    changing digit/stages.py or a rule's paths."""
+    assert render("config/config.yaml", "workflow/profiles/default") == (REPO / "dvc.yaml").read_text(), (
+        "dvc.yaml is out of date: run python workflow/scripts/dvc_yaml.py")
 
 
-def _stage_params() -> dict:
-    """STAGE_PARAMS from common.smk, read without running Snakemake."""
-    source = (REPO / "workflow/rules/common.smk").read_text()
-    block = source[source.index("STAGE_PARAMS = {"):]
-    block = block[: block.index("\n}\n") + 3]
-    namespace = {}
-    exec(block, namespace)
-    return namespace["STAGE_PARAMS"]
+def test_the_stage_table_covers_every_rule_and_the_cli():
+    assert set(STAGE_OF_RULE) == RULES
+    from digit.cli import build_parser
+
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    assert set(subcommands) == set(COMMANDS) | {"check-config", "compare"}
+
+
+def test_an_image_folder_experiment_has_its_folder_as_input(in_tmp):
+    config = yaml.safe_load((REPO / "config/imagenet-base.yaml").read_text())
+    fake_imagenet(in_tmp / "imagenet")
+    config["data"]["root"] = str(in_tmp / "imagenet")
+    (in_tmp / "c.yaml").write_text(yaml.safe_dump(config))
+    dvc = generate(str(in_tmp / "c.yaml"), "workflow/profiles/slurm")
+    assert "synthesize" not in dvc["stages"] and str(in_tmp / "imagenet") in dvc["stages"]["prepare"]["deps"]
+    assert dvc["vars"][1] == {"config": str(in_tmp / "c.yaml"), "profile": "workflow/profiles/slurm"}
+    assert "--profile ${profile} --configfile ${config}" in dvc["stages"]["train_ar"]["cmd"]

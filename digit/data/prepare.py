@@ -9,7 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from digit.runtime.images import IMAGE_EXTENSIONS, SPLITS, BadImage, load_image
-from digit.runtime.io import atomic_dir, provenance, sha256_file, write_json
+from digit.runtime.io import atomic_dir, sha256_file, write_json
+from digit.stages import provenance
 
 
 def _scan(root: Path, split: str) -> tuple[dict[str, list[Path]], list[Path]]:
@@ -93,7 +94,7 @@ def run_prepare(config: dict, data_root: str | Path, out_dir: str | Path) -> Non
     }
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "manifest.json", {"root": str(root), "classes": classes, "splits": splits})
-        write_json(tmp / "report.json", report | {"provenance": provenance({"data": config["data"]})})
+        write_json(tmp / "report.json", report | {"provenance": provenance(config, "prepare")})
     reasons = ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
     print(f"prepare: {report['images']} images in {len(classes)} classes, {len(skipped)} skipped"
           + (f" ({reasons}; listed in {Path(out_dir) / 'report.json'})" if skipped else ""))

@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from digit.runtime.images import SPLITS
-from digit.runtime.io import atomic_dir, provenance, write_json
+from digit.runtime.io import atomic_dir, write_json
+from digit.stages import provenance
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring",
           "hstripes", "vstripes", "checker", "diagonal", "dots")
@@ -83,5 +84,5 @@ def run_synthesize(config: dict, out_dir: str | Path) -> None:
                 rng = np.random.default_rng([config["seed"], split_index, class_id])
                 for i in range(counts[split]):
                     draw_example(class_id, spec["image_size"], rng).save(class_dir / f"{i:05d}.png")
-        write_json(tmp / "synthetic.json", provenance({"seed": config["seed"], "synthetic": spec}))
+        write_json(tmp / "synthetic.json", provenance(config, "synthesize"))
 

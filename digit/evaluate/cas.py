@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, random_batches, to_float
-from digit.runtime.io import atomic_dir, provenance, read_json, write_json
+from digit.runtime.io import atomic_dir, read_json, write_json
 from digit.runtime.schedule import cosine
+from digit.stages import provenance
 
 WIDTHS = (16, 32, 64, 128)
 LOG_EVERY = 10
@@ -72,8 +73,7 @@ def run_train_classifier(config: dict, manifest_path: str | Path, out_dir: str |
         write_json(tmp / "model.json", {
             "num_classes": len(manifest["classes"]), "classes": manifest["classes"], "image_size": size,
             "widths": list(WIDTHS), "steps": cfg["steps"], "val_accuracy": val_accuracy,
-            "provenance": provenance({"seed": config["seed"], "data": config["data"], "classifier": cfg},
-                                     {"manifest": manifest_path}),
+            "provenance": provenance(config, "train_classifier", {"manifest": manifest_path}),
         })
     print(f"train-classifier: val accuracy {val_accuracy:.3f}")
 

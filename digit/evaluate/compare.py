@@ -58,11 +58,14 @@ def setting_columns(configs: list[dict]) -> list[str]:
 
 
 def read_metrics(config: dict) -> dict:
+    """metrics.json, and the details of report.json (whether FID is calibrated, ...) where it exists."""
     path = results_dir(config) / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"experiment '{config['experiment']}' has no metrics: {path} not found; "
                                 f"run its pipeline first")
-    return read_json(path)
+    report = path.with_name("report.json")
+    details = read_json(report).get("details", {}) if report.is_file() else {}
+    return details | read_json(path)
 
 
 def setting_text(value) -> str:

@@ -16,7 +16,8 @@ import torchvision
 from digit.evaluate.cas import accuracy, load_classifier
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_image, load_manifest, preprocess
-from digit.runtime.io import atomic_dir, provenance, sha256_file, sha256_json, write_json
+from digit.runtime.io import atomic_dir, sha256_file, sha256_json, write_json
+from digit.stages import provenance
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -212,7 +213,7 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
         }
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "provenance.json", provenance(
-            {"seed": config["seed"], "data": config["data"], "evaluate": config["evaluate"]},
+            config, "evaluate",
             {"manifest": manifest_path, "samples": Path(samples_dir) / "samples.npz",
              "classifier": Path(classifier_dir) / "model.safetensors"}))
     print(f"evaluate: FID {metrics['fid']:.3f}, IS {metrics['inception_score']:.3f}, "

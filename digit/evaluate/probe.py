@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 
 from digit.generate.train import load_stage
 from digit.runtime.config import resolve_device
-from digit.runtime.io import atomic_dir, provenance, write_json
+from digit.runtime.io import atomic_dir, write_json
 from digit.runtime.schedule import cosine
 from digit.runtime.token_cache import check_cache_matches, load_token_cache
+from digit.stages import provenance
 
 
 def hidden_prefix(meta: dict) -> int:
@@ -113,7 +114,7 @@ def run_probe(config: dict, stage1_dir: str | Path, tokens_dir: str | Path, out_
         save_file({"weight": weight.cpu().contiguous(), "bias": bias.cpu().contiguous(),
                    "feature_mean": mean.contiguous(), "feature_std": std.contiguous()}, tmp / "probe.safetensors")
         write_json(tmp / "provenance.json", provenance(
-            {"seed": config["seed"], "probe": pc},
+            config, "probe",
             {"stage1": Path(stage1_dir) / "model.safetensors", "tokens": Path(tokens_dir) / "train.npy"}))
     print(f"probe: best top-1 {top1[best]:.3f} at layer {best + 1} of {len(top1)} "
           f"(chance {1 / meta['num_classes']:.3f})")

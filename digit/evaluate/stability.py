@@ -26,7 +26,8 @@ from digit.evaluate.upper_bound import chosen_images
 from digit.pixels.model import load_vq
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, to_float
-from digit.runtime.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.runtime.io import atomic_dir, read_json, sha256_file, write_json
+from digit.stages import provenance
 from digit.tokenizer.encoders import FeatureEncoder
 from digit.tokenizer.tokens import assign, load_codebook_for
 
@@ -97,9 +98,7 @@ def run_stability(config: dict, manifest_path: str | Path, codebook_dir: str | P
             "tokens_per_image": {name: counted[name] // len(chosen) for name in TOKENIZERS},
             "codebook_sha256": info["codebook_sha256"], "vq_sha256": sha256_file(Path(vq_dir) / "model.safetensors"),
             "provenance": provenance(
-                {"seed": config["seed"], "data.image_size": size, "encoder": config["encoder"],
-                 "tokenize.batch_size": config["tokenize"]["batch_size"], "vq.precision": config["vq"]["precision"],
-                 "stability": st},
+                config, "stability",
                 {"manifest": manifest_path, "codebook": Path(codebook_dir) / "codebook.npy",
                  "vq": Path(vq_dir) / "model.safetensors"}),
         })

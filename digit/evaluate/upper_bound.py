@@ -27,8 +27,9 @@ from digit.generate.train import load_stage
 from digit.pixels.model import load_vq, peak_snr
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, to_float, to_uint8
-from digit.runtime.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.runtime.io import atomic_dir, read_json, sha256_file, write_json
 from digit.runtime.token_cache import check_cache_matches, load_token_cache
+from digit.stages import provenance
 
 GRID_ROWS = 8  # images shown in grid.png: each as original, VQ reconstruction, stage-2 reconstruction
 
@@ -92,8 +93,7 @@ def run_upper_bound(config: dict, manifest_path: str | Path, tokens_dir: str | P
         shown = torch.stack([originals[rows], vq_recon[rows], stage2_recon[rows]], 1)
         save_png(make_grid(shown.flatten(0, 1), nrow=3, padding=2), tmp / "grid.png")
         write_json(tmp / "provenance.json", provenance(
-            {"seed": config["seed"], "sample": sc, "evaluate": config["evaluate"],
-             "upper_bound": config["upper_bound"]},
+            config, "upper_bound",
             {"manifest": manifest_path, "tokens": Path(tokens_dir) / "meta.json",
              "stage2": Path(stage2_dir) / "model.safetensors", "vq": vq_weights}))
     print(f"upper-bound: FID {metrics['upper_bound_fid']:.3f}, PSNR {metrics['upper_bound_psnr']:.2f} dB "

@@ -18,8 +18,9 @@ from digit.generate.train import load_stage
 from digit.pixels.model import load_vq
 from digit.runtime.config import resolve_device
 from digit.runtime.images import keyed_seed, to_uint8
-from digit.runtime.io import atomic_dir, provenance, read_json, sha256_file, write_json
+from digit.runtime.io import atomic_dir, read_json, sha256_file, write_json
 from digit.runtime.shards import read_shard_records, shard_range
+from digit.stages import provenance
 
 GRID_COLUMNS = 10
 
@@ -123,8 +124,7 @@ def run_sample_shard(config: dict, stage1_dir: str | Path, stage2_dir: str | Pat
             "shard": shard, "shards": sc["shards"], "num_samples": len(labels), "per_class": sc["per_class"],
             "num_classes": meta1["num_classes"], "classes": meta1["classes"],
             "class_conditional": meta1["class_conditional"], "image_size": config["data"]["image_size"],
-            "provenance": provenance({"device": config["device"], "sample": sc},
-                                     {"stage1": Path(stage1_dir) / "model.safetensors",
+            "provenance": provenance(config, "sample", {"stage1": Path(stage1_dir) / "model.safetensors",
                                       "stage2": Path(stage2_dir) / "model.safetensors", "vq": vq_weights}),
         })
     print(f"sample-shard {shard}/{sc['shards']}: {len(indices)} images in {out_dir}")

@@ -30,12 +30,14 @@ from digit.generate.gpt import GPT, PRESETS, GPTConfig, mask_ratio
 from digit.runtime import distributed
 from digit.runtime.checkpoint import PartialRun, write_state
 from digit.runtime.config import resolve_device
-from digit.runtime.io import atomic_dir, provenance, read_json, write_json
+from digit.runtime.io import atomic_dir, read_json, write_json
 from digit.runtime.schedule import cosine
 from digit.runtime.token_cache import load_checked_cache
+from digit.stages import provenance
 
 LOG_HEADER = "step\tloss\tlr\ttokens_per_s\tgrad_norm\n"
 IGNORE = -100  # target of a position without loss (cross_entropy's ignore_index)
+STAGE_NAMES = {"stage1": "train_ar", "stage2": "train_decoder"}  # config section -> pipeline stage
 
 
 def learning_rate(step: int, tc: dict) -> float:
@@ -226,7 +228,7 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, draw, cache
             write_state(tmp, state, step)
             shutil.copy(run.log_path, tmp / "log.tsv")
             write_json(tmp / "model.json", {**record, "final_loss": loss,
-                                            "provenance": provenance({"seed": config["seed"], stage: tc}, inputs)})
+                                            "provenance": provenance(config, STAGE_NAMES[stage], inputs)})
         run.finish()
         print(f"{stage}: {step} steps, final loss {loss:.4f}")
     procs.barrier()

@@ -8,8 +8,9 @@ import torch
 from digit.pixels.model import load_vq
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, to_float
-from digit.runtime.io import atomic_dir, provenance, read_json, sha256_file
+from digit.runtime.io import atomic_dir, read_json, sha256_file
 from digit.runtime.token_cache import write_meta, write_split
+from digit.stages import provenance
 
 
 @torch.no_grad()
@@ -42,6 +43,5 @@ def run_tokenize_vq(config: dict, manifest_path: str | Path, vq_dir: str | Path,
             "kind": "vq", "vocab_size": meta["codebook_size"], "grid": grid, "views": views,
             "num_classes": len(manifest["classes"]), "classes": manifest["classes"],
             "vq_sha256": sha256_file(Path(vq_dir) / "model.safetensors"),
-            "provenance": provenance({"data": config["data"], "tokenize": config["tokenize"]},
-                                     {"manifest": manifest_path, "vq": Path(vq_dir) / "model.safetensors"}),
+            "provenance": provenance(config, "tokenize_vq", {"manifest": manifest_path, "vq": Path(vq_dir) / "model.safetensors"}),
         })

@@ -24,8 +24,9 @@ from digit.runtime import distributed
 from digit.runtime.checkpoint import PartialRun
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, random_batches, to_float, to_uint8
-from digit.runtime.io import atomic_dir, provenance, write_json
+from digit.runtime.io import atomic_dir, write_json
 from digit.runtime.schedule import cosine
+from digit.stages import provenance
 
 LOG_EVERY = 10  # steps per log row; also the window in which an unused code counts as dead
 
@@ -61,7 +62,7 @@ def run_train_vq(config: dict, manifest_path: str | Path, out_dir: str | Path) -
         write_json(tmp / "model.json", {
             **{key: vq[key] for key in ARCHITECTURE}, "image_size": size, "grid": [size // model.downsample] * 2,
             "weights": vq["weights"], "steps": vq["steps"] if final else 0, "final": final, "val": val,
-            "provenance": provenance({"seed": config["seed"], "data": config["data"], "vq": vq}, inputs),
+            "provenance": provenance(config, "train_vq", inputs),
         })
     run.finish()
     print(f"train-vq: val L1 {val['recon_l1']:.4f}, PSNR {val['psnr']:.2f} dB, codebook usage {val['usage']:.2f} "

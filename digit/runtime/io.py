@@ -1,4 +1,4 @@
-"""Atomic writes, hashing and provenance records shared by every stage."""
+"""Atomic writes and hashing, shared by every stage."""
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +9,7 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -157,32 +154,3 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def code_version() -> str:
-    """The git commit of the checkout, with '+dirty' when it has uncommitted changes."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def provenance(config_subset: dict, inputs: dict[str, str | Path] | None = None) -> dict:
-    """What made an artifact: the config keys that shaped it, input hashes, code and packages."""
-    packages = {}
-    faiss_builds = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11")  # whichever one is installed
-    for name in ("digit", "torch", "torchvision", "timm", *faiss_builds, "numpy", "pillow", "torch-fidelity"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            packages[name] = metadata.version(name)
-    return {
-        "config": config_subset,
-        "inputs": {k: sha256_file(v) for k, v in (inputs or {}).items()},
-        "code_version": code_version(),
-        "python": sys.version.split()[0],
-        "packages": packages,
-    }

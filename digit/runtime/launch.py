@@ -20,7 +20,6 @@ from pathlib import Path
 
 import submitit
 
-STAGES = ("train-vq", "train-ar", "train-decoder")  # the CLI stages that take the flags below
 LAUNCHERS = ("direct", "slurm", "local")
 # SLURM states of a job that has ended (GONE: squeue no longer lists it)
 ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "GONE"}

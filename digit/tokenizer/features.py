@@ -13,8 +13,9 @@ import torch
 
 from digit.runtime.config import resolve_device
 from digit.runtime.images import keyed_seed, load_image, load_manifest
-from digit.runtime.io import atomic_dir, open_memmap_for_writing, provenance, sha256_file, write_json
+from digit.runtime.io import atomic_dir, open_memmap_for_writing, sha256_file, write_json
 from digit.runtime.shards import read_shard_records, shard_range
+from digit.stages import config_subset, provenance
 
 
 class CropFlipViews(torch.utils.data.Dataset):
@@ -39,14 +40,6 @@ class CropFlipViews(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(keyed_seed(self.seed, self.positions[index]))
             return self.transform(image), entry["label"]
-
-
-def feature_settings(config: dict) -> dict:
-    """The config subset that determines the features (recorded, and checked by K-means)."""
-    km = config["kmeans"]
-    return {"seed": config["seed"], "data.image_size": config["data"]["image_size"], "encoder": config["encoder"],
-            "kmeans.sample_fraction": km["sample_fraction"], "kmeans.seed": km["seed"],
-            "kmeans.feature_shards": km["feature_shards"]}
 
 
 def run_features_shard(config: dict, manifest_path: str | Path, shard: str | int, out_dir: str | Path) -> None:
@@ -81,7 +74,7 @@ def run_features_shard(config: dict, manifest_path: str | Path, shard: str | int
             "num_images": count,
             "shape": list(shape),
             "features_sha256": sha256_file(tmp / "features.npy"),
-            "provenance": provenance(feature_settings(config), {"manifest": manifest_path}),
+            "provenance": provenance(config, "features", {"manifest": manifest_path}),
         })
     print(f"features shard {shard}/{km['feature_shards']}: {shape[0]} images x {shape[1]} patches x {shape[2]} dims")
 
@@ -90,7 +83,7 @@ def load_feature_shards(config: dict, features_dir: str | Path) -> tuple[list[Pa
     """The features.npy of every shard in order, and shard 0's meta.json, after checking that the
     shards are complete, from one run, made under this config, and of the recorded shapes."""
     features_dir = Path(features_dir)
-    records = read_shard_records(features_dir, config["kmeans"]["feature_shards"], feature_settings(config),
+    records = read_shard_records(features_dir, config["kmeans"]["feature_shards"], config_subset(config, "features"),
                                  "features")
     paths = []
     for shard, record in enumerate(records):

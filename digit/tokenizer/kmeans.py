@@ -8,7 +8,8 @@ import faiss
 import numpy as np
 
 from digit.runtime.config import resolve_device
-from digit.runtime.io import atomic_dir, provenance, save_npy, sha256_file, write_json
+from digit.runtime.io import atomic_dir, save_npy, sha256_file, write_json
+from digit.stages import provenance
 from digit.tokenizer.features import load_feature_shards
 
 # faiss-cpu and faiss-gpu-cu12 both install the module faiss; pip cannot hold both at once.
@@ -102,7 +103,7 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
             "usage": {"dead_clusters": int((counts == 0).sum()),
                       "perplexity": float(np.exp(-(p * np.log(p)).sum())),
                       "max_fraction": float(counts.max() / counts.sum())},
-            "provenance": provenance({"kmeans": km}, {f"features_{i}": features_dir / str(i) / "meta.json"
+            "provenance": provenance(config, "kmeans", {f"features_{i}": features_dir / str(i) / "meta.json"
                                                       for i in range(len(shards))}),
         })
     print(f"kmeans: K={k} on {len(sample)} vectors ({'GPU' if gpu else 'CPU'}), "

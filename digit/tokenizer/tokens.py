@@ -13,9 +13,10 @@ import torch
 
 from digit.runtime.config import resolve_device
 from digit.runtime.images import SPLITS, ImageDataset, load_manifest
-from digit.runtime.io import atomic_dir, provenance, read_json, sha256_file
+from digit.runtime.io import atomic_dir, read_json, sha256_file
 from digit.runtime.shards import read_shard_records, shard_range
 from digit.runtime.token_cache import check_cache_matches, write_meta, write_split
+from digit.stages import config_subset, provenance
 
 if TYPE_CHECKING:
     from digit.tokenizer.encoders import FeatureEncoder
@@ -62,12 +63,6 @@ def load_codebook_for(encoder: FeatureEncoder, config: dict, codebook_dir: str |
     return codebook, info
 
 
-def tokenize_settings(config: dict) -> dict:
-    """The config subset that determines the tokens (recorded by each shard, checked by the merge)."""
-    return {"seed": config["seed"], "data.image_size": config["data"]["image_size"], "encoder": config["encoder"],
-            "tokenize": config["tokenize"]}
-
-
 def split_ranges(manifest: dict, items: range) -> dict[str, range]:
     """The part of each split that items [start, stop) of the train-then-val sequence cover."""
     ranges, offset = {}, 0
@@ -111,8 +106,7 @@ def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: st
             "kind": "discriminative", "vocab_size": len(codebook), "grid": list(encoder.grid), "views": views,
             "num_classes": len(manifest["classes"]), "classes": manifest["classes"],
             "codebook_sha256": info["codebook_sha256"], "encoder": encoder.identity, "image_size": size,
-            "provenance": provenance(tokenize_settings(config),
-                                     {"manifest": manifest_path, "codebook": Path(codebook_dir) / "codebook.npy"}),
+            "provenance": provenance(config, "tokenize", {"manifest": manifest_path, "codebook": Path(codebook_dir) / "codebook.npy"}),
         })
     print(f"tokenize shard {shard}/{tc['shards']}: " + ", ".join(f"{len(r)} {k}" for k, r in ranges.items()))
 
@@ -121,7 +115,7 @@ def run_tokenize(config: dict, shards_dir: str | Path, out_dir: str | Path) -> N
     """Merge the tokenize shards <shards_dir>/<i> into the token cache: per split, one uint16
     [N, V, T] array and the labels, and meta.json binding it to its codebook and encoder."""
     shards_dir = Path(shards_dir)
-    records = read_shard_records(shards_dir, config["tokenize"]["shards"], tokenize_settings(config), "tokenize")
+    records = read_shard_records(shards_dir, config["tokenize"]["shards"], config_subset(config, "tokenize"), "tokenize")
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             parts = [np.load(shards_dir / str(i) / f"{split}.npy", mmap_mode="r") for i in range(len(records))]

@@ -5,6 +5,7 @@ import shlex
 import yaml
 
 from digit.runtime.config import check_feasible
+from digit.stages import code_sha256, config_subset
 
 if not workflow.configfiles:
     configfile: "config/config.yaml"
@@ -42,38 +43,10 @@ REPORT_OUTPUTS = [f"{R}/metrics.json", f"{R}/grid.png", f"{R}/report.json"] + [
 ]
 STABILITY_OUTPUTS = [f"{R}/stability/stability.{ext}" for ext in ("tsv", "png", "json")]
 
-# The config keys each stage depends on: a change re-runs that stage and what follows.
-# dvc.yaml declares the same keys as the stage's params (tests/test_workflow.py checks).
-STAGE_PARAMS = {
-    "synthesize": ["seed", "data.synthetic"],
-    "prepare": ["data"],
-    "features": ["device", "seed", "data.image_size", "encoder", "kmeans.sample_fraction", "kmeans.seed",
-                 "kmeans.feature_shards"],
-    "kmeans": ["device", "kmeans"],
-    "tokenize": ["device", "seed", "data.image_size", "encoder", "tokenize"],
-    "train_vq": ["device", "seed", "data.image_size", "vq"],
-    "tokenize_vq": ["device", "data.image_size", "tokenize"],
-    "train_ar": ["device", "seed", "kmeans.k", "stage1"],
-    "train_decoder": ["device", "seed", "kmeans.k", "vq.codebook_size", "stage2"],
-    "probe": ["device", "seed", "probe"],
-    "sample": ["device", "data.image_size", "sample"],
-    "train_classifier": ["device", "seed", "data.image_size", "classifier"],
-    "evaluate": ["device", "evaluate"],
-    "upper_bound": ["device", "seed", "data.image_size", "sample", "evaluate", "upper_bound"],
-    "stability": ["device", "seed", "data.image_size", "encoder", "tokenize.batch_size", "vq.precision", "stability"],
-    "report": ["experiment"],
-}
-
-
-def stage_params(rule_name):
-    """The config values a stage depends on, as a Snakemake param (re-run trigger)."""
-    values = {}
-    for key in STAGE_PARAMS[rule_name]:
-        node = config
-        for part in key.split("."):
-            node = node[part]
-        values[key] = node
-    return values
+def stage_params(stage):
+    """What a stage's outputs depend on besides its inputs, as a Snakemake param (the re-run trigger):
+    its config keys and its code's hashes (digit/stages.py, which dvc.yaml's params and deps mirror)."""
+    return {"config": config_subset(config, stage), "code": code_sha256(stage)}
 
 
 def digit(arguments):

@@ -7,7 +7,7 @@ if SYNTHETIC:
         output:
             directory(f"{R}/data"),
         params:
-            config=stage_params("synthesize"),
+            stage=stage_params("synthesize"),
         log:
             f"{R}/logs/synthesize.log",
         conda:
@@ -22,7 +22,7 @@ rule prepare:
     output:
         directory(f"{R}/prepare"),
     params:
-        config=stage_params("prepare"),
+        stage=stage_params("prepare"),
     log:
         f"{R}/logs/prepare.log",
     conda:

@@ -9,7 +9,7 @@ rule stability:
     output:
         STABILITY_OUTPUTS,
     params:
-        config=stage_params("stability"),
+        stage=stage_params("stability"),
         out=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{R}/logs/stability.log",

@@ -11,7 +11,7 @@ rule sample_shard:
     wildcard_constraints:
         shard=r"\d+",
     params:
-        config=stage_params("sample"),
+        stage=stage_params("sample"),
     log:
         f"{R}/logs/sample_shard_{{shard}}.log",
     conda:
@@ -29,7 +29,7 @@ rule sample:
     output:
         directory(f"{R}/samples"),
     params:
-        config=stage_params("sample"),
+        stage=stage_params("sample"),
         shards=lambda wildcards, input: os.path.dirname(input[0]),
     log:
         f"{R}/logs/sample.log",
@@ -45,7 +45,7 @@ rule train_classifier:
     output:
         directory(f"{R}/classifier"),
     params:
-        config=stage_params("train_classifier"),
+        stage=stage_params("train_classifier"),
     log:
         f"{R}/logs/train_classifier.log",
     conda:
@@ -62,7 +62,7 @@ rule evaluate:
     output:
         directory(f"{R}/evaluate"),
     params:
-        config=stage_params("evaluate"),
+        stage=stage_params("evaluate"),
     log:
         f"{R}/logs/evaluate.log",
     conda:
@@ -83,7 +83,7 @@ rule upper_bound:
     output:
         directory(f"{R}/upper_bound"),
     params:
-        config=stage_params("upper_bound"),
+        stage=stage_params("upper_bound"),
     log:
         f"{R}/logs/upper_bound.log",
     conda:
@@ -107,7 +107,7 @@ rule report:
     output:
         REPORT_OUTPUTS,
     params:
-        config=stage_params("report"),
+        stage=stage_params("report"),
         out=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{R}/logs/report.log",

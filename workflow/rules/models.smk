@@ -9,7 +9,7 @@ rule train_ar:
         directory(f"{R}/stage1"),
     localrule: True  # it trains here, or submits the training and waits (common.smk: launch)
     params:
-        config=stage_params("train_ar"),
+        stage=stage_params("train_ar"),
         launch=launch("train_ar"),
     log:
         f"{R}/logs/train_ar.log",
@@ -27,7 +27,7 @@ rule train_decoder:
         directory(f"{R}/stage2"),
     localrule: True  # it trains here, or submits the training and waits (common.smk: launch)
     params:
-        config=stage_params("train_decoder"),
+        stage=stage_params("train_decoder"),
         launch=launch("train_decoder"),
     log:
         f"{R}/logs/train_decoder.log",
@@ -47,7 +47,7 @@ rule probe:
     output:
         directory(f"{R}/probe"),
     params:
-        config=stage_params("probe"),
+        stage=stage_params("probe"),
     log:
         f"{R}/logs/probe.log",
     conda:

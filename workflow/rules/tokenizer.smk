@@ -10,7 +10,7 @@ rule features_shard:
     wildcard_constraints:
         shard=r"\d+",
     params:
-        config=stage_params("features"),
+        stage=stage_params("features"),
     log:
         f"{R}/logs/features_shard_{{shard}}.log",
     conda:
@@ -30,7 +30,7 @@ rule kmeans:
     output:
         directory(f"{R}/codebook"),
     params:
-        config=stage_params("kmeans"),
+        stage=stage_params("kmeans"),
         features=lambda wildcards, input: os.path.dirname(input[0]),
     log:
         f"{R}/logs/kmeans.log",
@@ -49,7 +49,7 @@ rule tokenize_shard:
     wildcard_constraints:
         shard=r"\d+",
     params:
-        config=stage_params("tokenize"),
+        stage=stage_params("tokenize"),
     log:
         f"{R}/logs/tokenize_shard_{{shard}}.log",
     conda:
@@ -67,7 +67,7 @@ rule tokenize:
     output:
         directory(f"{R}/tokens"),
     params:
-        config=stage_params("tokenize"),
+        stage=stage_params("tokenize"),
         shards=lambda wildcards, input: os.path.dirname(input[0]),
     log:
         f"{R}/logs/tokenize.log",

@@ -8,7 +8,7 @@ rule train_vq:
         directory(f"{R}/vq"),
     localrule: True  # it trains here, or submits the training and waits (common.smk: launch)
     params:
-        config=stage_params("train_vq"),
+        stage=stage_params("train_vq"),
         launch=launch("train_vq"),
     log:
         f"{R}/logs/train_vq.log",
@@ -25,7 +25,7 @@ rule tokenize_vq:
     output:
         directory(f"{R}/vq_tokens"),
     params:
-        config=stage_params("tokenize_vq"),
+        stage=stage_params("tokenize_vq"),
     log:
         f"{R}/logs/tokenize_vq.log",
     conda:
