@@ -21,8 +21,12 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# Snakemake runs the chain (its jobs in parallel); `dvc commit` then records every output in dvc.lock
+# and the DVC cache, so that `dvc status` is clean, `dvc push` carries the results and `dvc repro`
+# has nothing to do.
 demo: $(INSTALLED)
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --profile workflow/profiles/default --cores $(CORES)
+	PATH=$(CURDIR)/$(BIN):$$PATH dvc commit --force --quiet
 	@echo "results: results/demo/metrics.json, results/demo/grid.png"
 
 test: $(INSTALLED)

@@ -44,8 +44,8 @@ print(json.dumps({"before": before, "peak": status("VmHWM")}))
 
 def fake_features(config: dict, root: Path, images: int, tokens: int, dim: int, shards: int) -> int:
     """Feature shards as features_shard writes them (random values), and their records."""
-    from digit.runtime.io import provenance, write_json
-    from digit.tokenizer.features import feature_settings
+    from digit.runtime.io import write_json
+    from digit.stages import provenance
 
     config["kmeans"]["feature_shards"] = shards
     rng = np.random.default_rng(0)
@@ -63,7 +63,7 @@ def fake_features(config: dict, root: Path, images: int, tokens: int, dim: int, 
         write_json(folder / "meta.json", {
             "encoder": {"arch": "fake", "dim": dim}, "image_size": 224, "shard": shard, "shards": shards,
             "positions": [int(bounds[shard]), int(bounds[shard + 1])], "num_images": images,
-            "shape": [int(rows), tokens, dim], "provenance": provenance(feature_settings(config))})
+            "shape": [int(rows), tokens, dim], "provenance": provenance(config, "features")})
     return images * tokens * dim * 2
 
 

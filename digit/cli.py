@@ -18,6 +18,7 @@ from digit.runtime.config import ConfigError, check_feasible, load_config
 from digit.runtime.io import DiskFullError
 from digit.stages import COMMANDS, REPO
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")

@@ -152,9 +152,9 @@ def comparable(path: Path):
 
 
 def drop_run_specific(obj):
-    """Without the code version and the hashes of training logs (their timings differ run to run)."""
+    """Without the hashes of training logs (their timings differ run to run)."""
     if isinstance(obj, dict):
-        return {k: drop_run_specific(v) for k, v in obj.items() if k != "code_version" and not k.endswith("_log")}
+        return {k: drop_run_specific(v) for k, v in obj.items() if not k.endswith("_log")}
     return obj
 
 

@@ -60,5 +60,5 @@ def test_a_pretrained_vq_model_reports_zero_steps(tiny_config, stage_dirs, in_tm
     (stage_dirs["vq"] / "log.tsv").write_text(LOGS["vq"].splitlines(keepends=True)[0])  # header only
     report(tiny_config, stage_dirs, in_tmp / "out")
     metrics = json.loads((in_tmp / "out" / "metrics.json").read_text())
-    report = json.loads((in_tmp / "out" / "report.json").read_text())
-    assert report["details"]["vq_steps"] == 0 and "vq_final_loss" not in metrics
+    details = json.loads((in_tmp / "out" / "report.json").read_text())["details"]
+    assert details["vq_steps"] == 0 and "vq_final_loss" not in metrics

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ENV, REPO, tree_digest
+
 from digit.data.synthetic import run_synthesize
 from digit.runtime.config import load_config
 from digit.stages import COMMANDS, PACKAGE, STAGE_OF_COMMAND, STAGES, code_sha256

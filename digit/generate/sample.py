@@ -20,7 +20,7 @@ from digit.runtime.config import resolve_device
 from digit.runtime.images import keyed_seed, to_uint8
 from digit.runtime.io import atomic_dir, read_json, sha256_file, write_json
 from digit.runtime.shards import read_shard_records, shard_range
-from digit.stages import provenance
+from digit.stages import config_subset, provenance
 
 GRID_COLUMNS = 10
 
@@ -134,7 +134,7 @@ def run_sample(config: dict, shards_dir: str | Path, out_dir: str | Path) -> Non
     """Merge the shards <shards_dir>/<i> into one sample set: images/<index>.png, samples.npz, grid.png
     and meta.json, after checking that the shards come from one run and cover every index once."""
     sc, shards_dir = config["sample"], Path(shards_dir)
-    metas = read_shard_records(shards_dir, sc["shards"], {"device": config["device"], "sample": sc}, "sample")
+    metas = read_shard_records(shards_dir, sc["shards"], config_subset(config, "sample"), "sample")
     same = metas[0]
     shards = [np.load(shards_dir / str(i) / "shard.npz") for i in range(sc["shards"])]
     indices = np.concatenate([s["indices"] for s in shards])
