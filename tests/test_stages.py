@@ -121,3 +121,18 @@ def test_the_demo_images_are_pinned(tmp_path):
         if path.endswith(".png"):
             h.update(f"{path}\0{digest}\n".encode())
     assert h.hexdigest() == DEMO_IMAGES_SHA256
+
+
+def test_the_readme_layout_names_every_package_and_module():
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.index("```", layout.index("```") + 3)]
+    for module in MODULES:
+        if module.name == "__init__.py":
+            continue
+        if len(module.parts) == 1:
+            assert f"digit/{module}" in layout, module
+        else:
+            row = layout[layout.index(f"digit/{module.parts[0]}/"):]
+            row = row[:row.index("\ndigit/") if "\ndigit/" in row else len(row)]
+            assert module.name.removesuffix(".py") in row, module
