@@ -152,7 +152,7 @@ class NpzImages(torch.utils.data.Dataset):
 
 
 def val_reference_record(entries: list[dict], size: int) -> dict:
-    """What makes a reference of val images: their files' contents and the preprocessing (data.preprocess)."""
+    """What makes a reference of val images: their files' contents and the preprocessing (runtime/images.preprocess)."""
     key = sha256_json({"images": [e["sha256"] for e in entries], "size": size,
                        "preprocess": "resize shorter side (bicubic, antialias) + center crop"})
     return {"reference": "val", "reference_images": len(entries), "reference_sha256": key}

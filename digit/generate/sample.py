@@ -153,7 +153,7 @@ def run_sample(config: dict, shards_dir: str | Path, out_dir: str | Path) -> Non
         shown = [i for i in range(same["num_samples"]) if i % per_class < columns]
         grid = torch.stack([torch.from_numpy(np.array(Image.open(tmp / "images" / f"{i:06d}.png"))).permute(2, 0, 1)
                             for i in shown])
-        from torchvision.utils import make_grid  # on use, as in data.preprocess
+        from torchvision.utils import make_grid  # on use, as in images.preprocess
 
         save_png(make_grid(grid, nrow=columns, padding=2), tmp / "grid.png")
         record = metas[0]["provenance"]  # the models and settings every shard was checked to share

@@ -23,7 +23,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def load_vgg16_features(weights_file: str | None) -> nn.Sequential:
     """torchvision's VGG16 `features`: from a state-dict file (torchvision's vgg16 layout, the
     classifier's keys may be there or not), or torchvision's download where there is network."""
-    import torchvision  # on use, as in data.preprocess
+    import torchvision  # on use, as in images.preprocess
 
     if weights_file is None:
         try:

@@ -189,7 +189,7 @@ def _evaluate(model: VQModel, manifest: dict, size: int, device, use_bf16: bool,
         shown = torch.stack([dataset[i][0] for i in np.linspace(0, len(dataset) - 1, 16).astype(int)])
         recon = to_uint8(model.decode_indices(model.encode_indices(to_float(shown).to(device)))).cpu()
     usage, perplexity = codebook_usage(torch.cat(all_indices), model.quantizer.codebook.num_embeddings)
-    import torchvision.utils  # on use, as in data.preprocess
+    import torchvision.utils  # on use, as in images.preprocess
 
     torchvision.utils.save_image(torch.stack([shown, recon], 1).flatten(0, 1).float() / 255, grid_path, nrow=8)
     return {"recon_l1": l1 / (len(dataset) * 3 * size * size), "psnr": float(np.mean(psnr)),

@@ -26,7 +26,7 @@ class CropFlipViews(torch.utils.data.Dataset):
         self.entries = entries
         self.positions = positions
         self.seed = seed
-        import torchvision.transforms.v2 as T  # on use, as in data.preprocess: kmeans imports this module
+        import torchvision.transforms.v2 as T  # on use, as in images.preprocess: kmeans imports this module
 
         self.transform = T.Compose([T.PILToTensor(), T.RandomResizedCrop(size, antialias=True),
                                     T.RandomHorizontalFlip()])
