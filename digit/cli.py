@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=command.help, description=command.help)
         p.add_argument("--config", required=True, help="experiment config YAML")
         for flag, flag_help in command.flags:
-            p.add_argument(flag, required=True, help=flag_help)
+            optional = flag in command.optional
+            p.add_argument(flag, required=not optional, help=flag_help + (" (may be left out)" if optional else ""))
         if command.launchable:
             launch.add_arguments(p)
     return parser

@@ -29,6 +29,7 @@ class Command:
     help: str
     flags: tuple[tuple[str, str], ...]  # (flag, help) of each path argument, in the function's order
     launchable: bool = False
+    optional: tuple[str, ...] = ()  # flags that may be left out (None): stage 2's, in the VQ-token baseline
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ STAGES: dict[str, Stage] = {
         commands={"tokenize-vq": Command("digit.pixels.tokenize:run_tokenize_vq", "every image to its VQ token grid",
                                          (MANIFEST, VQ, ("--out", "output token cache directory")))}),
     "train_ar": Stage(
-        params=("device", "seed", "kmeans.k", "stage1"), code=("generate", "runtime"),
+        params=("device", "seed", "kmeans.k", "vq.codebook_size", "stage1"), code=("generate", "runtime"),
         commands={"train-ar": Command("digit.generate.train:run_train_ar",
                                       "train the stage-1 GPT on discriminative tokens", (TOKENS, OUT),
                                       launchable=True)}),
@@ -115,7 +116,8 @@ STAGES: dict[str, Stage] = {
         rules=("sample_shard", "sample"),
         commands={"sample-shard": Command("digit.generate.sample:run_sample_shard",
                                           "stage 1 -> stage 2 -> VQ decoder: one shard of the samples",
-                                          (STAGE1, STAGE2, VQ, shard_flag("sample.shards"), OUT)),
+                                          (STAGE1, STAGE2, VQ, shard_flag("sample.shards"), OUT),
+                                          optional=("--stage2",)),
                   "sample": Command("digit.generate.sample:run_sample",
                                     "merge the sample shards: PNG samples, their tokens and a grid",
                                     (shards_flag("sample.shards"), OUT))}),
@@ -134,7 +136,8 @@ STAGES: dict[str, Stage] = {
         code=("evaluate", "generate", "pixels", "runtime"),
         commands={"upper-bound": Command("digit.evaluate.upper_bound:run_upper_bound",
                                          "ground-truth val tokens -> stage 2 -> VQ decoder, and the VQ alone: "
-                                         "FID, IS, PSNR", (MANIFEST, TOKENS, STAGE2, VQ, OUT))}),
+                                         "FID, IS, PSNR", (MANIFEST, TOKENS, STAGE2, VQ, OUT),
+                                         optional=("--tokens", "--stage2"))}),
     "stability": Stage(
         params=("device", "seed", "data.image_size", "encoder", "tokenize.batch_size", "vq.precision", "stability"),
         code=("evaluate", "generate", "pixels", "tokenizer", "runtime"),
@@ -147,7 +150,7 @@ STAGES: dict[str, Stage] = {
                                     (("--evaluate", "directory from evaluate"), ("--probe", "directory from probe"),
                                      ("--upper-bound", "directory from upper-bound"), STAGE1, STAGE2, VQ,
                                      ("--samples", "directory from sample"),
-                                     ("--out", "experiment results directory")))}),
+                                     ("--out", "experiment results directory")), optional=("--stage2",))}),
 }
 
 COMMANDS: dict[str, Command] = {name: command for stage in STAGES.values() for name, command in stage.commands.items()}

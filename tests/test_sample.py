@@ -209,3 +209,65 @@ def test_upper_bound_spreads_its_images_over_the_split():
     assert chosen_images(10, None).tolist() == list(range(10))
     assert chosen_images(10, 50).tolist() == list(range(10))
     assert chosen_images(100, 5).tolist() == [0, 25, 50, 74, 99]
+
+
+@pytest.fixture
+def vq_baseline(tiny_config, tmp_path):
+    """The paper's VQ-token baseline: stage 1 trained on the VQ tokens of a random VQ model (VQ_ARCH)."""
+    tiny_config["data"]["image_size"] = 8
+    tiny_config["stage1"] |= {"tokens": "vq", "precision": "fp32"}
+    torch.manual_seed(0)
+    vq_dir = tmp_path / "vq"
+    vq_dir.mkdir()
+    save_file(build_vq(VQ_ARCH).state_dict(), vq_dir / "model.safetensors")
+    (vq_dir / "model.json").write_text(json.dumps(VQ_ARCH | {"image_size": 8, "grid": [4, 4]}))
+    labels = np.arange(N) % CLASSES
+    vq_tokens = write_cache(tmp_path / "vq_tokens", "vq", (3 * sem_tokens(labels) + 1) % K_VQ, labels, K_VQ,
+                            vq_sha256=sha256_file(vq_dir / "model.safetensors"))
+    run_train_ar(tiny_config, vq_tokens, tmp_path / "stage1")
+    return tiny_config, tmp_path / "stage1", vq_dir
+
+
+def test_the_vq_token_baseline_samples_without_stage_2(vq_baseline, tmp_path):
+    config, stage1, vq = vq_baseline
+    meta = json.loads((stage1 / "model.json").read_text())
+    assert meta["tokens"] == "vq" and meta["vocab_size"] == K_VQ and "codebook_sha256" not in meta
+    sample(config, stage1, None, vq, tmp_path / "a")
+    samples = np.load(tmp_path / "a" / "samples.npz")
+    assert np.array_equal(samples["sem"], samples["vq"]) and samples["vq"].max() < K_VQ
+    assert len(list((tmp_path / "a" / "images").glob("*.png"))) == CLASSES * config["sample"]["per_class"]
+
+
+def test_a_discriminative_stage_1_without_stage_2_is_refused(chain, tmp_path):
+    config, stage1, _, vq = chain
+    with pytest.raises(ValueError, match="stage1.tokens: vq"):
+        run_sample_shard(config, stage1, None, vq, 0, tmp_path / "shard")
+
+
+def test_the_vq_token_baseline_needs_a_vq_cache(tiny_config, tmp_path):
+    tiny_config["stage1"]["tokens"] = "vq"
+    labels = np.arange(N) % CLASSES
+    tokens = write_cache(tmp_path / "tokens", "discriminative", sem_tokens(labels), labels, K, codebook_sha256="c" * 64)
+    with pytest.raises(ValueError, match="kind is 'discriminative', expected 'vq'"):
+        run_train_ar(tiny_config, tokens, tmp_path / "stage1")
+
+
+def test_the_upper_bound_of_the_vq_token_baseline_is_the_vq_reconstruction(vq_baseline, tmp_path):
+    config, _, vq = vq_baseline
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(N):
+        path = tmp_path / "val" / f"{i:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+        entries.append({"path": str(path), "label": i % CLASSES, "sha256": sha256_file(path)})
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"classes": [f"c{i}" for i in range(CLASSES)],
+                                    "splits": {"train": entries, "val": entries}}))
+    config["upper_bound"]["num_images"] = 12
+    run_upper_bound(config, manifest, None, None, vq, tmp_path / "ub")
+    metrics = json.loads((tmp_path / "ub" / "metrics.json").read_text())
+    for score in ("fid", "inception_score", "psnr"):
+        assert metrics[f"upper_bound_{score}"] == metrics[f"vq_recon_{score}"]
+    provenance = json.loads((tmp_path / "ub" / "provenance.json").read_text())
+    assert set(provenance["inputs"]) == {"manifest", "vq"}

@@ -109,3 +109,20 @@ def test_an_image_folder_experiment_has_its_folder_as_input(in_tmp):
     assert "synthesize" not in dvc["stages"] and str(in_tmp / "imagenet") in dvc["stages"]["prepare"]["deps"]
     assert dvc["vars"][1] == {"config": str(in_tmp / "c.yaml"), "profile": "workflow/profiles/slurm"}
     assert "--profile ${profile} --configfile ${config}" in dvc["stages"]["train_ar"]["cmd"]
+
+
+def test_the_vq_token_baseline_plans_without_stage_2(in_tmp):
+    result = snakemake("-n", "--configfile", str(REPO / "config/demo-vq.yaml"), "-d", str(in_tmp))
+    assert result.returncode == 0, result.stderr
+    jobs = planned_jobs(result.stdout)
+    assert set(jobs) == RULES - TARGETS - {"tokenize_shard", "tokenize", "train_decoder"} | {"all"}
+    assert jobs["train_ar"]["input"] == ["results/demo-vq/vq_tokens"]
+    assert not [path for job in jobs.values() for path in job["input"] if "stage2" in path]
+
+
+def test_the_vq_token_baseline_config_is_the_demo_but_for_its_tokens():
+    demo, baseline = (yaml.safe_load((REPO / f"config/{name}.yaml").read_text()) for name in ("config", "demo-vq"))
+    assert (demo["stage1"]["tokens"], baseline["stage1"]["tokens"]) == ("discriminative", "vq")
+    for config in (demo, baseline):
+        del config["experiment"], config["stage1"]["tokens"]
+    assert demo == baseline

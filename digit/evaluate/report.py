@@ -31,13 +31,14 @@ def final_row(log_path: Path) -> dict | None:
 
 
 def run_report(config: dict, evaluate_dir: str | Path, probe_dir: str | Path, upper_bound_dir: str | Path,
-               stage1_dir: str | Path, stage2_dir: str | Path, vq_dir: str | Path, samples_dir: str | Path, out_dir: str | Path) -> None:
+               stage1_dir: str | Path, stage2_dir: str | Path | None, vq_dir: str | Path, samples_dir: str | Path, out_dir: str | Path) -> None:
     """out_dir/metrics.json (the HEADLINE figures of evaluate, probe and upper bound, final losses),
     out_dir/report.json (the rest of their metrics.json under "details", and the provenance),
     out_dir/curves/<stage>.tsv (and probe.tsv, top-1 per layer) and out_dir/grid.png (out_dir:
     results/<experiment>)."""
     out_dir = Path(out_dir)
-    logs = {stage: Path(d) / "log.tsv" for stage, d in zip(STAGES, (vq_dir, stage1_dir, stage2_dir))}
+    # no stage 2 in the VQ-token baseline
+    logs = {stage: Path(d) / "log.tsv" for stage, d in zip(STAGES, (vq_dir, stage1_dir, stage2_dir)) if d is not None}
     measured = ({"experiment": config["experiment"]} | read_json(Path(evaluate_dir) / "metrics.json")
                 | read_json(Path(probe_dir) / "metrics.json") | read_json(Path(upper_bound_dir) / "metrics.json"))
     for stage, log in logs.items():

@@ -42,24 +42,29 @@ def chosen_images(n_val: int, num_images: int | None) -> np.ndarray:
 
 
 @torch.no_grad()
-def run_upper_bound(config: dict, manifest_path: str | Path, tokens_dir: str | Path, stage2_dir: str | Path,
-                    vq_dir: str | Path, out_dir: str | Path) -> None:
-    """metrics.json with upper_bound_* (GT tokens -> stage 2 -> VQ decoder) and vq_recon_* (VQ alone)."""
+def run_upper_bound(config: dict, manifest_path: str | Path, tokens_dir: str | Path | None,
+                    stage2_dir: str | Path | None, vq_dir: str | Path, out_dir: str | Path) -> None:
+    """metrics.json with upper_bound_* (GT tokens -> stage 2 -> VQ decoder) and vq_recon_* (VQ alone).
+    Without stage 2 (the VQ-token baseline, whose true tokens the VQ decoder renders directly) the
+    upper bound is the VQ reconstruction."""
     check_inception_weights(config)
     sc, device = config["sample"], resolve_device(config)
     size, batch_size = config["data"]["image_size"], config["evaluate"]["batch_size"]
     manifest = load_manifest(manifest_path)
-    stage2, meta2 = load_stage(stage2_dir, device)
-    sem_all, _, sem_meta = load_token_cache(tokens_dir, "val")
-    check_cache_matches(sem_meta, {"codebook_sha256": meta2["codebook_sha256"]}, f"token cache {tokens_dir}")
+    if (tokens_dir is None) != (stage2_dir is None):
+        raise ValueError("upper-bound takes --tokens and --stage2 together, or neither (the VQ-token baseline)")
     vq_weights = Path(vq_dir) / "model.safetensors"
-    if meta2["vq_sha256"] != sha256_file(vq_weights):
-        raise ValueError(f"{stage2_dir} was trained on the codes of another VQ model than {vq_dir} (vq_sha256)")
+    if stage2_dir is not None:
+        stage2, meta2 = load_stage(stage2_dir, device)
+        sem_all, _, sem_meta = load_token_cache(tokens_dir, "val")
+        check_cache_matches(sem_meta, {"codebook_sha256": meta2["codebook_sha256"]}, f"token cache {tokens_dir}")
+        if meta2["vq_sha256"] != sha256_file(vq_weights):
+            raise ValueError(f"{stage2_dir} was trained on the codes of another VQ model than {vq_dir} (vq_sha256)")
     vq, vq_meta = load_vq(vq_dir, device), read_json(Path(vq_dir) / "model.json")
     if vq_meta["image_size"] != size:
         raise ValueError(f"{vq_dir} works at image size {vq_meta['image_size']}, config data.image_size is {size}")
     dataset = ImageDataset(manifest, "val", size)
-    if len(dataset) != len(sem_all):
+    if stage2_dir is not None and len(dataset) != len(sem_all):
         raise ValueError(f"{tokens_dir} holds {len(sem_all)} val images, {manifest_path} lists {len(dataset)}")
     chosen = chosen_images(len(dataset), config["upper_bound"]["num_images"])
 
@@ -69,6 +74,9 @@ def run_upper_bound(config: dict, manifest_path: str | Path, tokens_dir: str | P
         images = torch.stack([dataset[int(i)][0] for i in batch])
         originals.append(images)
         vq_recon.append(to_uint8(vq.decode_indices(vq.encode_indices(to_float(images).to(device)))).cpu())
+        if stage2_dir is None:
+            stage2_recon.append(vq_recon[-1])
+            continue
         sem = torch.from_numpy(sem_all[batch, 0].astype(np.int64)).to(device)  # view 0: the image as it is
         codes = decode_stage2(stage2, sem, sc, meta2["sep_token"], generator, meta2["training"]["precision"])
         stage2_recon.append(to_uint8(vq.decode_indices(codes.view(len(codes), *vq_meta["grid"]))).cpu())
@@ -94,8 +102,9 @@ def run_upper_bound(config: dict, manifest_path: str | Path, tokens_dir: str | P
         save_png(make_grid(shown.flatten(0, 1), nrow=3, padding=2), tmp / "grid.png")
         write_json(tmp / "provenance.json", provenance(
             config, "upper_bound",
-            {"manifest": manifest_path, "tokens": Path(tokens_dir) / "meta.json",
-             "stage2": Path(stage2_dir) / "model.safetensors", "vq": vq_weights}))
+            {"manifest": manifest_path, "vq": vq_weights}
+            | ({"tokens": Path(tokens_dir) / "meta.json", "stage2": Path(stage2_dir) / "model.safetensors"}
+               if stage2_dir is not None else {})))
     print(f"upper-bound: FID {metrics['upper_bound_fid']:.3f}, PSNR {metrics['upper_bound_psnr']:.2f} dB "
           f"(VQ alone: FID {metrics['vq_recon_fid']:.3f}, PSNR {metrics['vq_recon_psnr']:.2f} dB) "
           f"on {len(chosen)} val images")

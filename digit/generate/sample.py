@@ -30,8 +30,19 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
 
 
-def check_chain(stage1: dict, stage2: dict, vq: dict, vq_sha256: str, image_size: int) -> None:
-    """Stage 2 must have been trained on the tokens stage 1 makes and on the codes of this VQ model."""
+def check_chain(stage1: dict, stage2: dict | None, vq: dict, vq_sha256: str, image_size: int) -> None:
+    """Stage 2 must have been trained on the tokens stage 1 makes and on the codes of this VQ model;
+    without stage 2 (the VQ-token baseline), stage 1 on the codes of this VQ model."""
+    if stage2 is None:
+        pairs = {"tokens (stage 1)": (stage1.get("tokens"), "vq"), "vq_sha256 (stage 1 vs VQ model)":
+                 (stage1.get("vq_sha256"), vq_sha256), "seq_len (stage 1 vs VQ grid)":
+                 (stage1["seq_len"], vq["grid"][0] * vq["grid"][1]),
+                 "image size (VQ model vs data.image_size)": (vq["image_size"], image_size)}
+        wrong = [f"{name}: {a!r} != {b!r}" for name, (a, b) in pairs.items() if a != b]
+        if wrong:
+            raise ValueError("stage 1 and the VQ model do not fit together (no stage 2: stage 1 must be trained on "
+                             "this VQ model's tokens, stage1.tokens: vq): " + "; ".join(wrong))
+        return
     pairs = {
         "codebook_sha256 (stage 1 vs stage 2)": (stage1["codebook_sha256"], stage2["codebook_sha256"]),
         "sem vocab_size (stage 1 vs stage 2)": (stage1["vocab_size"], stage2["sem_vocab_size"]),
@@ -58,16 +69,18 @@ def decode_stage2(stage2: GPT, sem: torch.Tensor, sc: dict, sep: int, generator:
 
 
 @torch.no_grad()
-def generate_tokens(stage1: GPT, stage2: GPT, conditions: torch.Tensor, sc: dict, null_class: int | None,
+def generate_tokens(stage1: GPT, stage2: GPT | None, conditions: torch.Tensor, sc: dict, null_class: int | None,
                     sep: int, generator: torch.Generator,
                     precisions: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage-1 prefix tokens [B] (class ids, or the start token 0) -> (sem tokens [B, T_sem], VQ tokens
-    [B, T_vq]); each stage runs under the precision it was trained in. Stage 1 is guided by the null
+    [B, T_vq]; the same tokens twice without stage 2); each stage runs under the precision it was trained in. Stage 1 is guided by the null
     class when sample.cfg_scale is not 1."""
     null_prefix = None if null_class is None else torch.tensor([[null_class]], device=conditions.device)
     with torch.autocast(conditions.device.type, dtype=torch.bfloat16, enabled=precisions[0] == "bf16"):
         sem = stage1.generate(conditions[:, None], temperature=sc["temperature"], top_k=sc["top_k"],
                               top_p=sc["top_p"], cfg_scale=sc["cfg_scale"], null_prefix=null_prefix, generator=generator)
+    if stage2 is None:  # the VQ-token baseline: stage 1 makes the VQ tokens itself
+        return sem, sem
     return sem, decode_stage2(stage2, sem, sc, sep, generator, precisions[1])
 
 
@@ -84,13 +97,14 @@ def block_generator(seed: int, first_index: int, device) -> torch.Generator:
     return torch.Generator(device).manual_seed(keyed_seed(seed, first_index))
 
 
-def run_sample_shard(config: dict, stage1_dir: str | Path, stage2_dir: str | Path, vq_dir: str | Path,
+def run_sample_shard(config: dict, stage1_dir: str | Path, stage2_dir: str | Path | None, vq_dir: str | Path,
                      shard: str | int, out_dir: str | Path) -> None:
     """Shard `shard` of sample.shards: its share of the sample.per_class images of every class, in
-    class order, as images/<index>.png and shard.npz (indices, tokens, labels)."""
+    class order, as images/<index>.png and shard.npz (indices, tokens, labels). Without stage 2 (the
+    VQ-token baseline) the VQ decoder renders stage 1's tokens."""
     sc, device, shard = config["sample"], resolve_device(config), int(shard)
     stage1, meta1 = load_stage(stage1_dir, device)
-    stage2, meta2 = load_stage(stage2_dir, device)
+    stage2, meta2 = load_stage(stage2_dir, device) if stage2_dir is not None else (None, None)
     vq_weights = Path(vq_dir) / "model.safetensors"
     vq_meta = read_json(Path(vq_dir) / "model.json")
     check_chain(meta1, meta2, vq_meta, sha256_file(vq_weights), config["data"]["image_size"])
@@ -102,7 +116,7 @@ def run_sample_shard(config: dict, stage1_dir: str | Path, stage2_dir: str | Pat
     labels = torch.arange(meta1["num_classes"]).repeat_interleave(sc["per_class"])
     # an unconditional stage 1 has one start token: every sample gets it, and no class
     conditions = labels if meta1["class_conditional"] else torch.zeros_like(labels)
-    precisions = (meta1["training"]["precision"], meta2["training"]["precision"])
+    precisions = (meta1["training"]["precision"], meta2["training"]["precision"] if meta2 else None)
     blocks = shard_indices(len(labels), sc["batch_size"], sc["shards"], shard)
     sems, vqs = [], []
     with atomic_dir(out_dir) as tmp:
@@ -110,7 +124,7 @@ def run_sample_shard(config: dict, stage1_dir: str | Path, stage2_dir: str | Pat
         for indices in blocks:
             generator = block_generator(sc["seed"], int(indices[0]), device)
             sem, codes = generate_tokens(stage1, stage2, conditions[indices].to(device), sc,
-                                         meta1["null_class"], meta2["sep_token"], generator, precisions)
+                                         meta1["null_class"], meta2 and meta2["sep_token"], generator, precisions)
             images = to_uint8(vq.decode_indices(codes.view(len(codes), *vq_meta["grid"]))).cpu()
             for i, image in zip(indices.tolist(), images):
                 save_png(image, tmp / "images" / f"{i:06d}.png")
@@ -124,8 +138,8 @@ def run_sample_shard(config: dict, stage1_dir: str | Path, stage2_dir: str | Pat
             "shard": shard, "shards": sc["shards"], "num_samples": len(labels), "per_class": sc["per_class"],
             "num_classes": meta1["num_classes"], "classes": meta1["classes"],
             "class_conditional": meta1["class_conditional"], "image_size": config["data"]["image_size"],
-            "provenance": provenance(config, "sample", {"stage1": Path(stage1_dir) / "model.safetensors",
-                                      "stage2": Path(stage2_dir) / "model.safetensors", "vq": vq_weights}),
+            "provenance": provenance(config, "sample", {"stage1": Path(stage1_dir) / "model.safetensors", "vq": vq_weights}
+                                     | ({"stage2": Path(stage2_dir) / "model.safetensors"} if stage2_dir else {})),
         })
     print(f"sample-shard {shard}/{sc['shards']}: {len(indices)} images in {out_dir}")
 

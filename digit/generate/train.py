@@ -65,9 +65,11 @@ def make_optimizer(model: nn.Module, tc: dict) -> torch.optim.AdamW:
 def run_train_ar(config: dict, tokens_dir: str | Path, out_dir: str | Path) -> None:
     """Stage 1. Class-conditional: the class id is the prefix; with stage1.class_dropout > 0 it is
     replaced by the null class (id num_classes) that often, which classifier-free guidance needs.
-    Unconditional: the prefix is the start token 0."""
+    Unconditional: the prefix is the start token 0. With stage1.tokens: vq (the paper's VQ-token
+    baseline) it learns the VQ token cache instead, which the VQ decoder renders without stage 2."""
     tc = config["stage1"]
-    tokens, labels, meta = load_checked_cache(tokens_dir, "discriminative", config["kmeans"]["k"])
+    vocab = config["kmeans"]["k"] if tc["tokens"] == "discriminative" else config["vq"]["codebook_size"]
+    tokens, labels, meta = load_checked_cache(tokens_dir, tc["tokens"], vocab)
     if labels.min() < 0 or labels.max() >= meta["num_classes"]:
         raise ValueError(f"{tokens_dir}/train_labels.npy has labels outside 0..{meta['num_classes'] - 1}")
     conditional = tc["class_conditional"]
@@ -76,11 +78,12 @@ def run_train_ar(config: dict, tokens_dir: str | Path, out_dir: str | Path) -> N
     null_class = meta["num_classes"] if tc["class_dropout"] else None
     prefix_vocab_size = 1 if not conditional else meta["num_classes"] + (null_class is not None)
     gpt_cfg = GPTConfig(vocab_size=meta["vocab_size"], seq_len=tokens.shape[2],
-                        prefix_vocab_size=prefix_vocab_size, prefix_len=1, **PRESETS[tc["preset"]])
+                        prefix_vocab_size=prefix_vocab_size, prefix_len=1, arch=tc["arch"], **PRESETS[tc["preset"]])
     record = {"stage": "stage1", "model": asdict(gpt_cfg), "class_conditional": conditional,
               "null_class": null_class, "num_classes": meta["num_classes"], "classes": meta["classes"],
-              "vocab_size": meta["vocab_size"], "seq_len": tokens.shape[2], "grid": meta["grid"],
-              "codebook_sha256": meta["codebook_sha256"]}
+              "vocab_size": meta["vocab_size"], "seq_len": tokens.shape[2], "grid": meta["grid"], "tokens": tc["tokens"]}
+    # what the tokens are the codes of: the K-means codebook, or the VQ model of the baseline
+    record |= {key: meta[key] for key in ("codebook_sha256", "vq_sha256") if key in meta}
     labels = torch.from_numpy(labels)
 
     def draw(generator, n):
@@ -109,7 +112,8 @@ def run_train_decoder(config: dict, tokens_dir: str | Path, vq_tokens_dir: str |
                          + ", ".join(name for name, ok in same.items() if not ok) + " differ")
     sep, decoder = sem_meta["vocab_size"], config["stage2"]["decoder"]
     gpt_cfg = GPTConfig(vocab_size=vq_meta["vocab_size"], seq_len=vq.shape[2], prefix_vocab_size=sep + 1,
-                        prefix_len=sem.shape[2] + 1, causal=decoder == "ar", **PRESETS[config["stage2"]["preset"]])
+                        prefix_len=sem.shape[2] + 1, causal=decoder == "ar", arch=config["stage2"]["arch"],
+                        **PRESETS[config["stage2"]["preset"]])
     record = {"stage": "stage2", "decoder": decoder, "model": asdict(gpt_cfg), "sep_token": sep,
               "sem_vocab_size": sem_meta["vocab_size"], "sem_seq_len": sem.shape[2], "sem_grid": sem_meta["grid"],
               "vq_vocab_size": vq_meta["vocab_size"], "vq_seq_len": vq.shape[2], "vq_grid": vq_meta["grid"],

@@ -38,8 +38,15 @@ onstart:
 R = f"results/{config['experiment']}"
 SYNTHETIC = config["data"]["source"] == "synthetic"
 DATA = f"{R}/data" if SYNTHETIC else config["data"]["root"]
+# The paper's VQ-token baseline (stage1.tokens: vq): stage 1 learns the VQ tokens, which the VQ
+# decoder renders; there is no stage 2.
+VQ_BASELINE = config["stage1"]["tokens"] == "vq"
+STAGE1_TOKENS = f"{R}/vq_tokens" if VQ_BASELINE else f"{R}/tokens"
+STAGE2 = {} if VQ_BASELINE else {"stage2": f"{R}/stage2"}  # the stage-2 input of the rules that decode
+STAGE2_FLAG = "" if VQ_BASELINE else "--stage2 {input.stage2:q} "
+TOKENS_FLAG = "" if VQ_BASELINE else "--tokens {input.tokens:q} "  # the upper bound's discriminative tokens
 REPORT_OUTPUTS = [f"{R}/metrics.json", f"{R}/grid.png", f"{R}/report.json"] + [
-    f"{R}/curves/{name}.tsv" for name in ("vq", "stage1", "stage2", "probe")
+    f"{R}/curves/{name}.tsv" for name in ("vq", "stage1", *([] if VQ_BASELINE else ["stage2"]), "probe")
 ]
 STABILITY_OUTPUTS = [f"{R}/stability/stability.{ext}" for ext in ("tsv", "png", "json")]
 

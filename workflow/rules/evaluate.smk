@@ -4,8 +4,8 @@
 rule sample_shard:
     input:
         stage1=f"{R}/stage1",
-        stage2=f"{R}/stage2",
         vq=f"{R}/vq",
+        **STAGE2,
     output:
         temp(directory(f"{R}/sample_shards/{{shard}}")),
     wildcard_constraints:
@@ -18,7 +18,7 @@ rule sample_shard:
         "../../environment.yml"
     shell:
         digit(
-            "sample-shard --stage1 {input.stage1:q} --stage2 {input.stage2:q} --vq {input.vq:q} "
+            f"sample-shard --stage1 {{input.stage1:q}} {STAGE2_FLAG}--vq {{input.vq:q}} "
             "--shard {wildcards.shard} --out {output:q}"
         )
 
@@ -77,9 +77,8 @@ rule evaluate:
 rule upper_bound:
     input:
         prepare=f"{R}/prepare",
-        tokens=f"{R}/tokens",
-        stage2=f"{R}/stage2",
         vq=f"{R}/vq",
+        **({} if VQ_BASELINE else {"tokens": f"{R}/tokens"} | STAGE2),
     output:
         directory(f"{R}/upper_bound"),
     params:
@@ -90,8 +89,8 @@ rule upper_bound:
         "../../environment.yml"
     shell:
         digit(
-            "upper-bound --manifest {input.prepare:q}/manifest.json --tokens {input.tokens:q} "
-            "--stage2 {input.stage2:q} --vq {input.vq:q} --out {output:q}"
+            f"upper-bound --manifest {{input.prepare:q}}/manifest.json {TOKENS_FLAG}{STAGE2_FLAG}"
+            "--vq {input.vq:q} --out {output:q}"
         )
 
 
@@ -101,9 +100,9 @@ rule report:
         probe=f"{R}/probe",
         upper_bound=f"{R}/upper_bound",
         stage1=f"{R}/stage1",
-        stage2=f"{R}/stage2",
         vq=f"{R}/vq",
         samples=f"{R}/samples",
+        **STAGE2,
     output:
         REPORT_OUTPUTS,
     params:
@@ -116,7 +115,6 @@ rule report:
     shell:
         digit(
             "report --evaluate {input.evaluate:q} --probe {input.probe:q} --upper-bound {input.upper_bound:q} "
-            "--stage1 {input.stage1:q} "
-            "--stage2 {input.stage2:q} "
+            f"--stage1 {{input.stage1:q}} {STAGE2_FLAG}"
             "--vq {input.vq:q} --samples {input.samples:q} --out {params.out:q}"
         )

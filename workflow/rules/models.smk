@@ -1,10 +1,10 @@
-# The two transformers: stage 1 (discriminative tokens) and stage 2 (discriminative -> VQ tokens),
-# and the linear probe of stage 1.
+# The two transformers: stage 1 (discriminative tokens, or VQ tokens in the VQ-token baseline) and
+# stage 2 (discriminative -> VQ tokens), and the linear probe of stage 1.
 
 
 rule train_ar:
     input:
-        f"{R}/tokens",
+        STAGE1_TOKENS,
     output:
         directory(f"{R}/stage1"),
     localrule: True  # it trains here, or submits the training and waits (common.smk: launch)
@@ -43,7 +43,7 @@ rule train_decoder:
 rule probe:
     input:
         stage1=f"{R}/stage1",
-        tokens=f"{R}/tokens",
+        tokens=STAGE1_TOKENS,
     output:
         directory(f"{R}/probe"),
     params:
