@@ -12,6 +12,7 @@ from digit.evaluate.fidelity import (
     SampleDataset,
     fidelity_metrics,
     generate_inception_weights,
+    reference_fid_statistics,
     reference_images,
     run_evaluate,
 )
@@ -151,3 +152,103 @@ def test_a_corrupt_sample_is_named(tiny_config, manifest, in_tmp):
     with pytest.raises(ValueError, match="cannot read image .*000001.png"):
         run_evaluate(tiny_config, in_tmp / "samples", manifest, in_tmp / "classifier", in_tmp / "evaluate")
     assert not (in_tmp / "evaluate").exists()
+
+
+def inception_pool_features(images, weights):
+    """The 2048-d pool3 features of uint8 [N, 3, H, W] images, with the extractor FID uses."""
+    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                            feature_extractor_weights_path=str(weights)).eval()
+    with torch.no_grad():
+        return extractor(images)[0].double().numpy()
+
+
+def frechet_distance(features, mu, sigma):
+    """FID of features [n, d] against (mu, sigma), written independently of torch-fidelity: with
+    n <= d the nonzero eigenvalues of cov(features) @ sigma are those of C sigma C^T / (n - 1),
+    C the centered features, a small symmetric PSD matrix."""
+    centered = features - features.mean(0)
+    small = centered @ sigma @ centered.T / (len(features) - 1)
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(small), 0, None)).sum()
+    diff = features.mean(0) - mu
+    return diff @ diff + (centered ** 2).sum() / (len(features) - 1) + np.trace(sigma) - 2 * tr_covmean
+
+
+def adm_batch_statistics(features, seed=0):
+    """mu [2048] and sigma [2048, 2048] (float64, as in ADM's files) of other features than the
+    images': those of 64 random vectors of about the features' scale, shifted."""
+    rng = np.random.default_rng(seed)
+    other = rng.normal(features.mean(0), features.std(0) + 1e-3, size=(64, features.shape[1]))
+    return other.mean(0) + features.std(0), np.cov(other, rowvar=False)
+
+
+@pytest.fixture
+def adm_setup(tiny_config, manifest, in_tmp, inception_weights):
+    """Samples (the val images flipped) with their features, a trained classifier and the val images."""
+    tiny_config["evaluate"]["inception_weights"] = str(inception_weights)
+    run_train_classifier(tiny_config, manifest, in_tmp / "classifier")
+    val = ImageDataset(load_manifest(manifest), "val", 32)
+    samples = torch.stack([val[i][0].flip(-1) for i in range(len(val))])
+    write_samples(in_tmp / "samples", list(samples), val.labels())
+    images = torch.stack([val[i][0] for i in range(len(val))]).permute(0, 2, 3, 1).numpy()
+    return inception_pool_features(samples, inception_weights), images
+
+
+def evaluate_against(tiny_config, manifest, in_tmp, name, **arrays):
+    np.savez(in_tmp / f"{name}.npz", **arrays)
+    tiny_config["evaluate"]["reference"] = str(in_tmp / f"{name}.npz")
+    run_evaluate(tiny_config, in_tmp / "samples", manifest, in_tmp / "classifier", in_tmp / name)
+    return read_json(in_tmp / name / "metrics.json")
+
+
+def test_fid_against_an_adm_batch_uses_its_mu_sigma(tiny_config, manifest, in_tmp, adm_setup):
+    """ADM's protocol: FID against the batch's own mu/sigma (not its images'); IS, KID and P/R as
+    against the images alone."""
+    features, images = adm_setup
+    mu, sigma = adm_batch_statistics(features)
+    adm = evaluate_against(tiny_config, manifest, in_tmp, "adm", arr_0=images, mu=mu, sigma=sigma)
+    expected = frechet_distance(features, mu, sigma)
+    assert adm["fid"] == pytest.approx(expected, rel=1e-5)
+    assert adm["fid_reference_statistics"] == "npz mu/sigma" and adm["reference_images"] == len(images)
+    assert adm["reference_statistics"] == "computed" and adm["kid"] is not None
+
+    images_only = evaluate_against(tiny_config, manifest, in_tmp, "images", arr_0=images)
+    assert images_only["fid_reference_statistics"] == "computed from reference images"
+    image_features = inception_pool_features(torch.from_numpy(images).permute(0, 3, 1, 2),
+                                             tiny_config["evaluate"]["inception_weights"])
+    assert not np.allclose(image_features.mean(0), mu)  # the batch's mu/sigma are not its images' statistics
+    assert images_only["fid"] == pytest.approx(
+        frechet_distance(features, image_features.mean(0), np.cov(image_features, rowvar=False)), rel=1e-3)
+    assert images_only["fid"] != pytest.approx(adm["fid"], rel=1e-2)
+    for key in ("inception_score", "inception_score_std", "kid", "kid_std", "precision", "recall"):
+        assert adm[key] == pytest.approx(images_only[key]), key
+    assert "kid_precision_recall_skipped" not in adm
+
+
+def test_an_adm_batch_of_statistics_alone_gives_fid_only(tiny_config, manifest, in_tmp, adm_setup):
+    """MAR's adm_in256_stats.npz: mu/sigma and no images; KID and P/R are null, and say why."""
+    features, _ = adm_setup
+    mu, sigma = adm_batch_statistics(features, seed=1)
+    metrics = evaluate_against(tiny_config, manifest, in_tmp, "stats", mu=mu.astype(np.float32), sigma=sigma)
+    assert metrics["fid"] == pytest.approx(frechet_distance(features, mu.astype(np.float32), sigma), rel=1e-5)
+    assert metrics["fid_reference_statistics"] == "npz mu/sigma"
+    assert metrics["reference_images"] == 0 and metrics["reference_statistics"] == "unused"
+    assert all(metrics[key] is None for key in ("kid", "kid_std", "precision", "recall"))
+    assert "no arr_0 images" in metrics["kid_precision_recall_skipped"] and str(in_tmp / "stats.npz") in \
+        metrics["kid_precision_recall_skipped"]
+    assert metrics["inception_score"] >= 1.0 and metrics["cas"] is not None
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"mu": np.zeros(10), "sigma": np.eye(2048)}, r"mu must be a float array \[2048\].*float64 \[10\]"),
+    ({"mu": np.zeros(2048), "sigma": np.eye(10)}, r"sigma must be a float array \[2048, 2048\].*\[10, 10\]"),
+    ({"mu": np.zeros(2048), "sigma": np.zeros((2048, 2048), np.uint8)}, "sigma must be a float array"),
+    ({"mu": np.full(2048, np.nan), "sigma": np.eye(2048)}, "mu holds NaN or infinite values"),
+    ({"arr_0": np.zeros((2, 32, 32, 3), np.uint8), "mu": np.zeros(2048)}, "has 'mu' but no 'sigma'"),
+    ({"mu": np.array([{"x": 1}] * 2048, dtype=object), "sigma": np.eye(2048)}, "allow_pickle=False"),
+])
+def test_malformed_adm_statistics_are_refused_naming_the_file(tiny_config, in_tmp, arrays, message):
+    np.savez(in_tmp / "bad.npz", **arrays)
+    tiny_config["evaluate"]["reference"] = str(in_tmp / "bad.npz")
+    with pytest.raises(ValueError, match=message) as error:
+        reference_fid_statistics(tiny_config)
+    assert f"{in_tmp / 'bad.npz'} (evaluate.reference)" in str(error.value)

@@ -12,6 +12,18 @@ import torch
 import torch.nn as nn
 import torch_fidelity
 import torchvision
+from torch_fidelity.metric_fid import (
+    fid_featuresdict_to_statistics,
+    fid_statistics_to_metric,
+)
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+from torch_fidelity.utils import (
+    create_feature_extractor,
+    extract_featuresdict_from_input_id_cached,
+    resolve_feature_layer_for_metric,
+)
 
 from digit.evaluate.cas import accuracy, load_classifier
 from digit.runtime.config import resolve_device
@@ -96,33 +108,85 @@ def inception_weights(config: dict, scratch: Path) -> tuple[Path, bool]:
 
 
 FEATURE_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's port of the TF Inception of FID; also for P/R, as ADM
+FID_FEATURES = 2048  # FID's features: Inception pool3, the "2048" layer of FEATURE_EXTRACTOR, as in ADM's mu/sigma
+FID_FROM_NPZ = "npz mu/sigma"  # metrics.json fid_reference_statistics: FID against the reference batch's own statistics
+FID_FROM_IMAGES = "computed from reference images"
 
 
-def fidelity_metrics(samples: str | Path | torch.utils.data.Dataset, reference: torch.utils.data.Dataset,
+def fidelity_metrics(samples: str | Path | torch.utils.data.Dataset, reference: torch.utils.data.Dataset | None,
                      weights: str | Path, batch_size: int, cuda: bool, seed: int, cache_root: str | Path,
-                     reference_name: str | None = None) -> dict:
+                     reference_name: str | None = None, fid_statistics: dict | None = None) -> dict:
     """FID, IS, KID, precision and recall of samples (a folder of PNGs or a dataset of uint8 images)
     against a reference dataset of uint8 images; no downloads. With `reference_name`, torch-fidelity
     caches the reference's features under that name in `cache_root` and the next call naming it
-    reuses them: the name must identify the images and the weights (see `reference_cache_name`)."""
+    reuses them: the name must identify the images and the weights (see `reference_cache_name`).
+
+    With `fid_statistics` ({"mu": [2048], "sigma": [2048, 2048]}, an ADM reference batch's, see
+    `npz_fid_statistics`), FID is the Frechet distance between the samples' statistics and those,
+    not the reference images'; KID and precision/recall still use the reference images, and are
+    None when there are none (`reference` None)."""
     if not isinstance(samples, torch.utils.data.Dataset):
         samples = str(samples)
     n_samples = len(list(Path(samples).glob("*.png"))) if isinstance(samples, str) else len(samples)
-    raw = torch_fidelity.calculate_metrics(
+    if reference is None and fid_statistics is None:
+        raise ValueError("fidelity_metrics needs reference images, FID statistics or both")
+    n_reference = len(reference) if reference is not None else n_samples
+    kwargs = dict(
         input1=samples, input2=reference,
         cuda=cuda, batch_size=batch_size,
         fid=True, isc=True, kid=True, prc=True, isc_splits=min(10, n_samples),
-        kid_subset_size=min(1000, n_samples, len(reference)),
-        prc_neighborhood=min(3, n_samples - 1, len(reference) - 1),
+        kid_subset_size=min(1000, n_samples, n_reference),
+        prc_neighborhood=min(3, n_samples - 1, n_reference - 1),
         feature_extractor=FEATURE_EXTRACTOR, feature_layer_prc="2048",
         feature_extractor_weights_path=str(weights), rng_seed=seed,
         cache=reference_name is not None, input2_cache_name=reference_name,
         cache_root=str(cache_root), datasets_download=False, verbose=False,
         save_cpu_ram=not cuda)  # image-decoding workers only pay off when a GPU runs the Inception
+    if fid_statistics is None:
+        raw = torch_fidelity.calculate_metrics(**kwargs)
+    else:
+        raw = fidelity_metrics_given_fid_statistics(kwargs, fid_statistics)
     return {"fid": raw["frechet_inception_distance"],
             "inception_score": raw["inception_score_mean"], "inception_score_std": raw["inception_score_std"],
-            "kid": raw["kernel_inception_distance_mean"], "kid_std": raw["kernel_inception_distance_std"],
-            "precision": raw["precision"], "recall": raw["recall"]}
+            "kid": raw.get("kernel_inception_distance_mean"), "kid_std": raw.get("kernel_inception_distance_std"),
+            "precision": raw.get("precision"), "recall": raw.get("recall")}
+
+
+def fidelity_metrics_given_fid_statistics(kwargs: dict, fid_statistics: dict) -> dict:
+    """torch-fidelity's metrics as calculate_metrics(**kwargs) gives them (the same feature extractor,
+    layers, cache and metric functions: torch_fidelity.metrics.calculate_metrics_one_feature_extractor),
+    except that FID compares the samples' statistics with `fid_statistics`, which torch-fidelity
+    cannot be handed; KID and precision/recall only where kwargs hold reference images (input2).
+    The samples go through the Inception once, for all of them."""
+    layers = {metric: resolve_feature_layer_for_metric(metric, **kwargs) for metric in ("isc", "fid", "kid", "prc")}
+    extractor = create_feature_extractor(FEATURE_EXTRACTOR, sorted(set(layers.values())), **kwargs)
+    samples = extract_featuresdict_from_input_id_cached(1, extractor, **kwargs)  # input1 has no cache name
+    raw = isc_featuresdict_to_metric(samples, layers["isc"], **kwargs)
+    # in float64, as the ADM evaluator computes it (torch-fidelity's own mu is float32; it wants equal dtypes)
+    samples_statistics = fid_featuresdict_to_statistics(samples, layers["fid"])
+    stats_1, stats_2 = ({k: np.asarray(stats[k], np.float64) for k in ("mu", "sigma")}
+                        for stats in (samples_statistics, fid_statistics))
+    raw |= fid_statistics_to_metric(stats_1, stats_2, False)
+    if kwargs["input2"] is not None:
+        reference = extract_featuresdict_from_input_id_cached(2, extractor, **kwargs)
+        raw |= kid_featuresdict_to_metric(samples, reference, layers["kid"], **kwargs)
+        raw |= prc_featuresdict_to_metric(samples, reference, layers["prc"], **kwargs)
+    return raw
+
+
+def open_reference_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """An ADM-style reference batch, opened without unpickling anything (an object array in it is refused)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config key 'evaluate.reference': no such file {path}")
+    return np.load(path, allow_pickle=False)
+
+
+def read_npz_array(npz: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    """One array of a reference batch; an object array (a pickle) is refused, naming the file."""
+    try:
+        return npz[key]
+    except ValueError as error:  # "Object arrays cannot be loaded when allow_pickle=False"
+        raise ValueError(f"{path} (evaluate.reference): {key}: {error}") from None
 
 
 class NpzImages(torch.utils.data.Dataset):
@@ -130,12 +194,10 @@ class NpzImages(torch.utils.data.Dataset):
 
     def __init__(self, path: str | Path, size: int):
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config key 'evaluate.reference': no such file {path}")
-        with np.load(path) as npz:
+        with open_reference_npz(path) as npz:
             if "arr_0" not in npz.files:
                 raise ValueError(f"{path} (evaluate.reference) has no 'arr_0' image array; keys {npz.files}")
-            images = npz["arr_0"]
+            images = read_npz_array(npz, path, "arr_0")
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
             raise ValueError(f"{path} (evaluate.reference): arr_0 must be uint8 [N, H, W, 3], "
                              f"got {images.dtype} {list(images.shape)}")
@@ -151,6 +213,29 @@ class NpzImages(torch.utils.data.Dataset):
         return torch.from_numpy(self.images[index]).permute(2, 0, 1)
 
 
+def npz_fid_statistics(path: str | Path) -> dict | None:
+    """The FID statistics an ADM reference batch ships (`mu` [2048], `sigma` [2048, 2048]: Inception
+    pool3 of the whole ImageNet train set, not of its arr_0 images), or None if it has none. MAR's
+    adm_in256_stats.npz holds these alone."""
+    path = Path(path)
+    with open_reference_npz(path) as npz:
+        present = [key for key in ("mu", "sigma") if key in npz.files]
+        if not present:
+            return None
+        if len(present) == 1:
+            missing = ({"mu", "sigma"} - set(present)).pop()
+            raise ValueError(f"{path} (evaluate.reference) has '{present[0]}' but no '{missing}'; keys {npz.files}")
+        stats = {key: read_npz_array(npz, path, key) for key in ("mu", "sigma")}
+    for key, shape in (("mu", (FID_FEATURES,)), ("sigma", (FID_FEATURES, FID_FEATURES))):
+        value = stats[key]
+        if not np.issubdtype(value.dtype, np.floating) or value.shape != shape:
+            raise ValueError(f"{path} (evaluate.reference): {key} must be a float array {list(shape)} (the "
+                             f"statistics of Inception pool3 features), got {value.dtype} {list(value.shape)}")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{path} (evaluate.reference): {key} holds NaN or infinite values")
+    return stats
+
+
 def val_reference_record(entries: list[dict], size: int) -> dict:
     """What makes a reference of val images: their files' contents and the preprocessing (runtime/images.preprocess)."""
     key = sha256_json({"images": [e["sha256"] for e in entries], "size": size,
@@ -158,16 +243,26 @@ def val_reference_record(entries: list[dict], size: int) -> dict:
     return {"reference": "val", "reference_images": len(entries), "reference_sha256": key}
 
 
-def reference_images(config: dict, manifest: dict) -> tuple[torch.utils.data.Dataset, dict]:
+def reference_images(config: dict, manifest: dict) -> tuple[torch.utils.data.Dataset | None, dict]:
     """The reference images of evaluate.reference and a record that identifies them: `val` (the val
-    split, prepared like the data) or an ADM reference batch .npz file."""
+    split, prepared like the data) or an ADM reference batch .npz file (None if it holds only
+    mu/sigma, see `npz_fid_statistics`)."""
     size, reference = config["data"]["image_size"], config["evaluate"]["reference"]
     if reference == "val":
         dataset = ImageDataset(manifest, "val", size)
         return ImagesOnly(dataset), val_reference_record(dataset.entries, size)
-    images = NpzImages(reference, size)
-    return images, {"reference": str(reference), "reference_images": len(images),
+    with open_reference_npz(Path(reference)) as npz:
+        has_images = "arr_0" in npz.files or not {"mu", "sigma"} & set(npz.files)
+    images = NpzImages(reference, size) if has_images else None
+    return images, {"reference": str(reference), "reference_images": len(images) if has_images else 0,
                     "reference_sha256": sha256_file(reference)}
+
+
+def reference_fid_statistics(config: dict) -> dict | None:
+    """The FID statistics evaluate.reference ships (an ADM batch's mu/sigma), or None: FID is then
+    computed against the reference images."""
+    reference = config["evaluate"]["reference"]
+    return None if reference == "val" else npz_fid_statistics(reference)
 
 
 def reference_cache_name(record: dict, weights_sha256: str) -> str:
@@ -188,6 +283,7 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
     if classifier_meta["classes"] != manifest["classes"]:
         raise ValueError(f"{classifier_dir} was trained on other classes than {manifest_path} lists")
     reference, record = reference_images(config, manifest)
+    fid_statistics = reference_fid_statistics(config)
 
     # CAS first: it decodes every sample through load_image, which names a file it cannot read
     cas = accuracy(classifier, samples, batch_size, device)
@@ -198,14 +294,21 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
         cache_dir = Path(config["evaluate"]["cache_dir"])
         before = set(cache_dir.glob(f"{cache_name}-*"))
         metrics = fidelity_metrics(Path(samples_dir) / "images", reference, weights, batch_size,
-                                   device.type == "cuda", config["seed"], cache_dir, reference_name=cache_name)
+                                   device.type == "cuda", config["seed"], cache_dir, reference_name=cache_name,
+                                   fid_statistics=fid_statistics)
         # torch-fidelity recomputes all of a group of statistics when one is missing (a killed run's)
         cached = bool(before) and set(cache_dir.glob(f"{cache_name}-*")) == before
+        if reference is None:
+            metrics["kid_precision_recall_skipped"] = (
+                f"{record['reference']} (evaluate.reference) holds mu/sigma but no arr_0 images; "
+                "KID, precision and recall need reference images")
         metrics |= {
             "cas": cas,
             "chance": 1 / len(manifest["classes"]),
             "classifier_val_accuracy": classifier_meta["val_accuracy"],
-            "num_samples": len(samples), **record, "reference_statistics": "cached" if cached else "computed",
+            "num_samples": len(samples), **record,
+            "reference_statistics": "unused" if reference is None else "cached" if cached else "computed",
+            "fid_reference_statistics": FID_FROM_IMAGES if fid_statistics is None else FID_FROM_NPZ,
             "feature_extractor": f"torch-fidelity {FEATURE_EXTRACTOR}",
             "fid_calibrated": calibrated,
             "inception_weights": str(weights) if calibrated else "generated",
@@ -216,6 +319,7 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
             config, "evaluate",
             {"manifest": manifest_path, "samples": Path(samples_dir) / "samples.npz",
              "classifier": Path(classifier_dir) / "model.safetensors"}))
-    print(f"evaluate: FID {metrics['fid']:.3f}, IS {metrics['inception_score']:.3f}, "
-          f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}, "
-          f"CAS {metrics['cas']:.3f} (chance {metrics['chance']:.3f})")
+    pr = ("no precision/recall (no reference images)" if metrics["precision"] is None
+          else f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}")
+    print(f"evaluate: FID {metrics['fid']:.3f} ({metrics['fid_reference_statistics']}), "
+          f"IS {metrics['inception_score']:.3f}, {pr}, CAS {metrics['cas']:.3f} (chance {metrics['chance']:.3f})")
