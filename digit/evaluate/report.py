@@ -46,7 +46,7 @@ def run_report(config: dict, evaluate_dir: str | Path, probe_dir: str | Path, up
         if last is not None:
             measured[f"{stage}_final_loss"] = last["loss"]
         measured[f"{stage}_steps"] = 0 if last is None else int(last["step"])
-    metrics = {key: measured[key] for key in HEADLINE if key in measured}
+    metrics = {key: measured[key] for key in HEADLINE if measured.get(key) is not None}  # null: not measured
     grid = Path(samples_dir) / "grid.png"
     if not grid.is_file():
         raise FileNotFoundError(f"sample grid not found: {grid}")
