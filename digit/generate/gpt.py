@@ -10,8 +10,27 @@ some replaced by a mask token (id vocab_size); attention is bidirectional and ev
 predicts its own token. Decoding fills the masks in a few parallel steps (generate_masked).
 
 Prefix and targets have their own token and learned position tables (different vocabularies);
-the blocks, the final norm and the output head are shared code. Linear layers have no bias:
-with untied embeddings this reproduces DiGIT's 219M (base, K=8192) and 732M (large, K=16384).
+the blocks, the final norm and the output head are shared code. Input and output embeddings are
+untied, as in DiGIT.
+
+`arch` picks the network form:
+- prenorm: GPT-2 / nanoGPT. Pre-LN blocks and a final LayerNorm, no dropout, no biases, N(0, 0.02)
+  init with depth-scaled residual projections. Without biases the class-conditional count is
+  DiGIT's 219M (base, K=8192) and 732M (large, K=16384).
+- fairseq_postln: the official stage-1 network (DiGIT's `stlm`: fairseq's TransformerDecoder with
+  decoder_normalize_before false). Each block is x = LN(x + drop(attn(x))); x = LN(x + drop(ffn(x))),
+  no final LayerNorm.
+- fairseq_prenorm: the official stage-2 network (`st2vtlm`, `st2vtlm_nar`: the same decoder with
+  decoder_normalize_before true): x = x + drop(attn(LN(x))); x = x + drop(ffn(LN(x))), final LayerNorm.
+Both fairseq forms have fairseq's defaults as DiGIT leaves them: dropout 0.1 on the embeddings and on
+the attention and FFN outputs (none on the attention probabilities or the FFN activation), biases in
+every linear layer but the output head (fairseq's output projection has none), exact GELU, token
+embeddings scaled by sqrt(d) before the positions are added, and fairseq's init (token, position and
+output tables N(0, d^-1/2); q, k, v Xavier-uniform with gain 2^-1/2; attention output Xavier-uniform,
+bias 0; FFN and q/k/v biases PyTorch's default). Where the official model differs only in layout it is
+kept as is here: fairseq shares one token table between prefix and targets (ids offset) and has K + 5
+tokens (4 specials and <n>) and 1026 learned positions (1024 + fairseq's padding offset), of which
+DiGIT uses 257 (stage 1) or 256 + 257 (stage 2, two tables); here each table holds the rows it uses.
 """
 from __future__ import annotations
 
@@ -29,6 +48,8 @@ PRESETS = {
     "base": dict(n_layer=16, n_head=16, n_embd=1024, n_ffn=4096),
     "large": dict(n_layer=24, n_head=16, n_embd=1536, n_ffn=6144),
 }
+ARCHS = ("prenorm", "fairseq_postln", "fairseq_prenorm")
+FAIRSEQ_DROPOUT = 0.1  # fairseq's default `dropout`, which DiGIT's configs keep
 
 
 @dataclass
@@ -42,6 +63,15 @@ class GPTConfig:
     n_embd: int
     n_ffn: int
     causal: bool = True     # False: bidirectional, masked-token prediction (MaskGIT)
+    arch: str = "prenorm"   # prenorm | fairseq_postln (official stage 1) | fairseq_prenorm (official stage 2)
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch {self.arch!r}: expected one of {', '.join(ARCHS)}")
+
+    @property
+    def fairseq(self) -> bool:
+        return self.arch != "prenorm"
 
 
 class CausalSelfAttention(nn.Module):
@@ -49,8 +79,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.causal = cfg.causal
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.fairseq)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.fairseq)
 
     def forward(self, x: torch.Tensor, cache: tuple | None = None, start: int = 0) -> torch.Tensor:
         """x [B, L, d] at sequence positions start..start+L-1. With a KV cache ([B, H, max_len, hd]
@@ -73,26 +103,31 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, cfg.n_ffn, bias=False)
-        self.proj = nn.Linear(cfg.n_ffn, cfg.n_embd, bias=False)
+        self.fc = nn.Linear(cfg.n_embd, cfg.n_ffn, bias=cfg.fairseq)
+        self.proj = nn.Linear(cfg.n_ffn, cfg.n_embd, bias=cfg.fairseq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block."""
+    """Pre-LN transformer block, or post-LN (fairseq_postln): the norm after the residual sum."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        self.post_ln = cfg.arch == "fairseq_postln"
         self.ln_1 = nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(FAIRSEQ_DROPOUT if cfg.fairseq else 0.0)  # p=0 returns its input
 
     def forward(self, x: torch.Tensor, cache: tuple | None = None, start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start)
-        return x + self.mlp(self.ln_2(x))
+        if self.post_ln:
+            x = self.ln_1(x + self.drop(self.attn(x, cache, start)))
+            return self.ln_2(x + self.drop(self.mlp(x)))
+        x = x + self.drop(self.attn(self.ln_1(x), cache, start))
+        return x + self.drop(self.mlp(self.ln_2(x)))
 
 
 class GPT(nn.Module):
@@ -107,32 +142,51 @@ class GPT(nn.Module):
         else:
             self.tok_emb = nn.Embedding(cfg.vocab_size + 1, cfg.n_embd)  # + the mask token
             self.tok_pos = nn.Embedding(cfg.seq_len, cfg.n_embd)
+        self.embed_scale = math.sqrt(cfg.n_embd) if cfg.fairseq else 1.0
+        self.drop = nn.Dropout(FAIRSEQ_DROPOUT if cfg.fairseq else 0.0)  # on the embeddings
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.ln_f = nn.Identity() if cfg.arch == "fairseq_postln" else nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         # recompute each block's activations in the backward pass instead of storing them
         self.activation_checkpointing = False
-        self.apply(self._init_weights)
-        # GPT-2: scale the residual projections by the depth
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.fairseq:
+            self._init_fairseq()
+        else:
+            self.apply(self._init_weights)
+            # GPT-2: scale the residual projections by the depth
+            for name, p in self.named_parameters():
+                if name.endswith("proj.weight"):
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
+    def _init_fairseq(self) -> None:
+        """fairseq's init: Embedding(), PositionalEmbedding(learned=True), the output projection and
+        MultiheadAttention.reset_parameters; the FFN and the q/k/v biases keep nn.Linear's default."""
+        d = self.cfg.n_embd
+        for table in (self.prefix_emb, self.prefix_pos, self.tok_emb, self.tok_pos, self.head):
+            nn.init.normal_(table.weight, std=d ** -0.5)
+        for block in self.blocks:
+            for w in block.attn.qkv.weight.split(d):  # q, k, v: fairseq's separate d x d projections
+                nn.init.xavier_uniform_(w, gain=2 ** -0.5)
+            nn.init.xavier_uniform_(block.attn.proj.weight)
+            nn.init.zeros_(block.attn.proj.bias)
+
     def embed_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
-        return self.prefix_emb(prefix) + self.prefix_pos.weight[: prefix.shape[1]]
+        return self.embed_scale * self.prefix_emb(prefix) + self.prefix_pos.weight[: prefix.shape[1]]
 
     def embed_tokens(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Target tokens [B, L] that sit at target positions start..start+L-1."""
-        return self.tok_emb(tokens) + self.tok_pos.weight[start: start + tokens.shape[1]]
+        return self.embed_scale * self.tok_emb(tokens) + self.tok_pos.weight[start: start + tokens.shape[1]]
 
     def trunk(self, x: torch.Tensor, caches: list | None = None, start: int = 0,
               hidden: list | None = None) -> torch.Tensor:
-        """The blocks and the final norm; every block's output is appended to `hidden` if given."""
+        """Embedding dropout, the blocks and the final norm; every block's output is appended to
+        `hidden` if given."""
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if caches is None and self.training and self.activation_checkpointing:
                 x = checkpoint(block, x, use_reentrant=False)

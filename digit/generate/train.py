@@ -78,7 +78,8 @@ def run_train_ar(config: dict, tokens_dir: str | Path, out_dir: str | Path) -> N
     null_class = meta["num_classes"] if tc["class_dropout"] else None
     prefix_vocab_size = 1 if not conditional else meta["num_classes"] + (null_class is not None)
     gpt_cfg = GPTConfig(vocab_size=meta["vocab_size"], seq_len=tokens.shape[2],
-                        prefix_vocab_size=prefix_vocab_size, prefix_len=1, arch=tc["arch"], **PRESETS[tc["preset"]])
+                        prefix_vocab_size=prefix_vocab_size, prefix_len=1, arch=tc["arch"],
+                        **PRESETS[tc["preset"]])
     record = {"stage": "stage1", "model": asdict(gpt_cfg), "class_conditional": conditional,
               "null_class": null_class, "num_classes": meta["num_classes"], "classes": meta["classes"],
               "vocab_size": meta["vocab_size"], "seq_len": tokens.shape[2], "grid": meta["grid"], "tokens": tc["tokens"]}
