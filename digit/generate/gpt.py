@@ -42,7 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# tiny: the CPU demo; in fp32 on 2 cores one step of 32 x 64 tokens takes ~0.12 s (stage 1)
+# tiny: the CPU demo; in fp32 on 2 cores one step of 32 x 64 tokens takes ~0.12 s (stage 1).
+# base: DiGIT's config/stage1/dino_base.yaml. large: DiGIT ships no config; width, depth and FFN are
+# inferred from its 732M (and the probe's 1536 features); the head count is not known (16 assumed).
 PRESETS = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, n_ffn=512),
     "base": dict(n_layer=16, n_head=16, n_embd=1024, n_ffn=4096),
@@ -165,7 +167,9 @@ class GPT(nn.Module):
 
     def _init_fairseq(self) -> None:
         """fairseq's init: Embedding(), PositionalEmbedding(learned=True), the output projection and
-        MultiheadAttention.reset_parameters; the FFN and the q/k/v biases keep nn.Linear's default."""
+        MultiheadAttention.reset_parameters; the FFN and the q/k/v biases keep nn.Linear's default.
+        DiGIT's models do not re-initialise (no init_bert_params); read from fairseq 0.12.2, as DiGIT
+        pins no fairseq version."""
         d = self.cfg.n_embd
         for table in (self.prefix_emb, self.prefix_pos, self.tok_emb, self.tok_pos, self.head):
             nn.init.normal_(table.weight, std=d ** -0.5)
