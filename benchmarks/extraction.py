@@ -60,7 +60,7 @@ def main() -> None:
     config["encoder"].update(arch=args.arch, weights="random", weights_file=None, overrides={"img_size": 224},
                              precision=args.precision, batch_size=args.batch)
     config["kmeans"].update(sample_fraction=1.0, feature_shards=1)
-    config["tokenize"].update(views=["identity"], batch_size=args.batch, shards=1)
+    config["tokenize"].update(views=["identity"], random_crops=0, batch_size=args.batch, shards=1)
     device = torch.device(args.device)
     encoder = FeatureEncoder(config).to(device)
 

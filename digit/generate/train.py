@@ -107,6 +107,7 @@ def run_train_decoder(config: dict, tokens_dir: str | Path, vq_tokens_dir: str |
     vq, vq_labels, vq_meta = load_checked_cache(vq_tokens_dir, "vq", config["vq"]["codebook_size"])
     # the pairs are (sem, vq) tokens of the same image in the same view
     same = {"number of images": len(sem) == len(vq), "views": sem_meta["views"] == vq_meta["views"],
+            "random-crop seeds": sem_meta.get("view_seed") == vq_meta.get("view_seed"),
             "labels": np.array_equal(sem_labels, vq_labels)}
     if not all(same.values()):
         raise ValueError(f"token caches {tokens_dir} and {vq_tokens_dir} do not hold the same images: their "

@@ -102,9 +102,53 @@ def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     # on use: importing torchvision takes ~2.5 s (it loads torch._dynamo), which token-only stages skip
     import torchvision.transforms.v2.functional as TF
 
-    tensor = TF.pil_to_tensor(image)
-    tensor = TF.resize(tensor, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    return TF.center_crop(tensor, [size, size])
+    return TF.center_crop(_resize_shorter(TF.pil_to_tensor(image), size), [size, size])
+
+
+def _resize_shorter(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, H, W] with its shorter side resized to `size` (bicubic, antialiased, as PIL's
+    bicubic resize that torchvision's Resize applies to the official code's PIL images)."""
+    import torchvision.transforms.v2.functional as TF
+
+    return TF.resize(tensor, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+
+
+def random_crop_box(key: tuple[int, ...], height: int, width: int, size: int) -> tuple[int, int, bool]:
+    """(top, left, flip) of a RandomCrop(size) + RandomHorizontalFlip of an image of height x width
+    (already resized: its shorter side is `size`), drawn from `key` alone: the same box for the same
+    key on every machine, in every shard, batch and resumed run. top and left are uniform over the
+    boxes that fit (torchvision's RandomCrop), flip has probability 1/2."""
+    if min(height, width) < size:
+        raise ValueError(f"a {height}x{width} image has no {size}x{size} crop")
+    rng = np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+    top, left = (int(rng.integers(0, extent - size + 1)) for extent in (height, width))
+    return top, left, bool(rng.random() < 0.5)
+
+
+def random_crop(image: Image.Image, size: int, key: tuple[int, ...]) -> torch.Tensor:
+    """The official DiGIT training view: Resize(size) of the shorter side (bicubic) + RandomCrop(size)
+    + RandomHorizontalFlip, with the crop and flip of random_crop_box(key): uint8 [3, size, size]."""
+    import torchvision.transforms.v2.functional as TF
+
+    resized = _resize_shorter(TF.pil_to_tensor(image), size)
+    top, left, flip = random_crop_box(key, *resized.shape[-2:], size)
+    crop = resized[:, top:top + size, left:left + size]
+    return crop.flip(-1) if flip else crop
+
+
+def crop_view_index(view: str) -> int | None:
+    """i for the random-crop view 'crop<i>', None for a fixed view (identity, hflip); ValueError otherwise."""
+    if view in ("identity", "hflip"):
+        return None
+    if view.startswith("crop") and view[4:].isdigit() and str(int(view[4:])) == view[4:]:
+        return int(view[4:])
+    raise ValueError(f"unknown view '{view}' (expected identity, hflip or crop<i>)")
+
+
+def cache_views(tokenize: dict) -> list[str]:
+    """The views of a token cache as the `tokenize` config section asks: `views` (fixed), then the
+    `random_crops` seeded random-crop views crop0..crop<N-1>."""
+    return [*tokenize["views"], *(f"crop{i}" for i in range(tokenize["random_crops"]))]
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -117,15 +161,22 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """The images of one split of a manifest, in manifest order, as uint8 [3, size, size] tensors."""
+SPLIT_KEYS = {"train": 0, "val": 1}  # the split's part of a random-crop view's key
 
-    def __init__(self, manifest: dict, split: str, size: int, view: str = "identity"):
-        if view not in ("identity", "hflip"):
-            raise ValueError(f"unknown view '{view}' (expected identity or hflip)")
+
+class ImageDataset(torch.utils.data.Dataset):
+    """The images of one split of a manifest, in manifest order, as uint8 [3, size, size] tensors.
+
+    `view`: identity (shorter side resized to `size`, center crop), hflip (its mirror), or crop<i>:
+    random-crop view i (random_crop), keyed by (seed, split, index in the manifest's split, i), so
+    that every tokenizer that reads the image through this class sees the same crop."""
+
+    def __init__(self, manifest: dict, split: str, size: int, view: str = "identity", seed: int | None = None):
+        self.crop = crop_view_index(view)
+        if self.crop is not None and seed is None:
+            raise ValueError(f"view '{view}' is a random crop and needs a seed (tokenize.seed)")
         self.entries = manifest["splits"][split]
-        self.size = size
-        self.view = view
+        self.split, self.size, self.view, self.seed = split, size, view, seed
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -133,8 +184,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def labels(self) -> np.ndarray:
         return np.array([e["label"] for e in self.entries], dtype=np.int64)
 
+    def crop_key(self, index: int) -> tuple[int, ...]:
+        """The key of random_crop_box for image `index` in this random-crop view."""
+        return (self.seed, SPLIT_KEYS[self.split], index, self.crop)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         entry = self.entries[index]
+        if self.crop is not None:
+            return random_crop(load_image(entry["path"]), self.size, self.crop_key(index)), entry["label"]
         image = preprocess(load_image(entry["path"]), self.size)
         if self.view == "hflip":
             image = image.flip(-1)

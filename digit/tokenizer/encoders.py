@@ -102,7 +102,9 @@ class FeatureEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.mean.device).float().div(255)
         if tuple(x.shape[-2:]) != self.input_size:
-            x = F.interpolate(x, size=self.input_size, mode="bicubic", antialias=True, align_corners=False)
+            # as the official prepare_semantic (256 -> 224): bicubic, no antialias. It normalises first;
+            # normalising is per-channel affine and bicubic weights sum to one, so the order is immaterial.
+            x = F.interpolate(x, size=self.input_size, mode="bicubic", antialias=False, align_corners=False)
         x = (x - self.mean) / self.std
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             (features,) = self.model.forward_intermediates(

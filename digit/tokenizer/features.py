@@ -1,8 +1,11 @@
 """Encoder patch features of a random sample of train images, the input of K-means.
 
-As in the paper, each sampled image is seen once through a random resized crop and a random
-horizontal flip. The randomness of image i depends only on (kmeans.seed, i), so the features are
-the same whatever the batch size, the number of loader workers or of shards.
+As the official feature dump (DiGIT's preprocess/dump_features.py: Resize(224) + RandomCrop(224) +
+RandomHorizontalFlip), each sampled image is seen once: its shorter side resized to data.image_size
+(bicubic), a random square crop of that size (along the longer side), a random horizontal flip; the
+encoder then resizes the crop to its input (256 -> 224 on ImageNet), as it does every tokenized view.
+The crop and flip of image i depend only on (kmeans.seed, i), so the features are the same whatever
+the batch size, the number of loader workers or of shards.
 """
 from __future__ import annotations
 
@@ -12,34 +15,33 @@ import numpy as np
 import torch
 
 from digit.runtime.config import resolve_device
-from digit.runtime.images import keyed_seed, load_image, load_manifest
+from digit.runtime.images import load_image, load_manifest, random_crop
 from digit.runtime.io import atomic_dir, open_memmap_for_writing, sha256_file, write_json
 from digit.runtime.shards import read_shard_records, shard_range
 from digit.stages import config_subset, provenance
 
 
 class CropFlipViews(torch.utils.data.Dataset):
-    """One random-resized-crop + horizontal-flip view of each entry, as uint8 [3, size, size]. The
-    randomness of an entry depends only on the seed and its position in the whole sample."""
+    """One official K-means view of each entry, Resize(size) + RandomCrop(size) + horizontal flip
+    (digit.runtime.images.random_crop), as uint8 [3, size, size]. The crop and flip of an entry
+    depend only on the seed and its position in the whole sample."""
 
     def __init__(self, entries: list[dict], positions: range, size: int, seed: int):
         self.entries = entries
         self.positions = positions
+        self.size = size
         self.seed = seed
-        import torchvision.transforms.v2 as T  # on use, as in images.preprocess: kmeans imports this module
-
-        self.transform = T.Compose([T.PILToTensor(), T.RandomResizedCrop(size, antialias=True),
-                                    T.RandomHorizontalFlip()])
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def crop_key(self, index: int) -> tuple[int, int]:
+        """The key of digit.runtime.images.random_crop_box for entry `index`."""
+        return (self.seed, self.positions[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         entry = self.entries[index]
-        image = load_image(entry["path"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(keyed_seed(self.seed, self.positions[index]))
-            return self.transform(image), entry["label"]
+        return random_crop(load_image(entry["path"]), self.size, self.crop_key(index)), entry["label"]
 
 
 def run_features_shard(config: dict, manifest_path: str | Path, shard: str | int, out_dir: str | Path) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from digit.runtime.config import resolve_device
-from digit.runtime.images import SPLITS, ImageDataset, load_manifest
+from digit.runtime.images import SPLITS, ImageDataset, cache_views, load_manifest
 from digit.runtime.io import atomic_dir, read_json, sha256_file
 from digit.runtime.shards import read_shard_records, shard_range
 from digit.runtime.token_cache import check_cache_matches, write_meta, write_split
@@ -77,7 +77,9 @@ def split_ranges(manifest: dict, items: range) -> dict[str, range]:
 def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: str | Path, shard: str | int,
                        out_dir: str | Path) -> None:
     """Shard `shard` of tokenize.shards, over the train images then the val images: <split>.npy
-    uint16 [n, V, T] for every view of `tokenize.views`, <split>_labels.npy, and meta.json."""
+    uint16 [n, V, T] for every view (`tokenize.views`, then `tokenize.random_crops` random crops),
+    <split>_labels.npy, and meta.json. A random-crop view of an image is keyed by (tokenize.seed, split,
+    index, crop) alone (digit.runtime.images.ImageDataset), as in tokenize_vq: the same crop in every shard."""
     # timm and torchvision on use: the stages that read token caches (training, probe) start without them
     from digit.tokenizer.encoders import FeatureEncoder, encode_batches
 
@@ -85,7 +87,7 @@ def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: st
     manifest = load_manifest(manifest_path)
     encoder = FeatureEncoder(config).to(device)
     codebook, info = load_codebook_for(encoder, config, codebook_dir)
-    size, views = config["data"]["image_size"], tc["views"]
+    size, views = config["data"]["image_size"], cache_views(tc)
     codebook = torch.from_numpy(codebook).to(device)
     num_tokens = encoder.grid[0] * encoder.grid[1]
     total = sum(len(manifest["splits"][split]) for split in SPLITS)
@@ -95,7 +97,7 @@ def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: st
             labels = ImageDataset(manifest, split, size).labels()[part.start:part.stop]
             with write_split(tmp, split, (len(part), len(views), num_tokens), labels) as tokens:
                 for v, view in enumerate(views):
-                    dataset = torch.utils.data.Subset(ImageDataset(manifest, split, size, view=view), part)
+                    dataset = torch.utils.data.Subset(ImageDataset(manifest, split, size, view=view, seed=tc["seed"]), part)
                     offset = 0
                     for features, _ in encode_batches(encoder, dataset, tc["batch_size"]):
                         ids = assign(features.flatten(0, 1), codebook).view(len(features), num_tokens)
@@ -104,6 +106,7 @@ def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: st
         write_meta(tmp, {
             "shard": shard, "shards": tc["shards"], "ranges": {k: [r.start, r.stop] for k, r in ranges.items()},
             "kind": "discriminative", "vocab_size": len(codebook), "grid": list(encoder.grid), "views": views,
+            "view_seed": tc["seed"],
             "num_classes": len(manifest["classes"]), "classes": manifest["classes"],
             "codebook_sha256": info["codebook_sha256"], "encoder": encoder.identity, "image_size": size,
             "provenance": provenance(config, "tokenize", {"manifest": manifest_path, "codebook": Path(codebook_dir) / "codebook.npy"}),
