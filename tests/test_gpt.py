@@ -371,6 +371,22 @@ def test_official_stage1_sizes(preset, k, millions):
     assert sum(p.numel() for p in prenorm.parameters()) == ours + 2 * d
 
 
+def test_the_small_preset_is_the_ablation_39m():
+    """The encoder ablation's 39M GPT (Fig. 4a; shape unpublished): at width 512 (8 heads, FFN 2048) the
+    depth whose official count (K=8192, as the 219M/732M above) is nearest 39M is 10: 40.44M (9 layers: 37.29M);
+    this model, unconditional, 40.04M."""
+    shape = PRESETS["small"]
+    counts = {n: fairseq_decoder_parameters(512, n, 2048, input_rows=8197, output_rows=8197, positions=1026)
+              for n in (9, 10, 11)}
+    assert (shape["n_embd"], shape["n_head"], shape["n_ffn"]) == (512, 8, 2048)
+    assert min(counts, key=lambda n: abs(counts[n] - 39e6)) == shape["n_layer"] == 10
+    assert round(counts[10] / 1e5) == 404 and round(counts[9] / 1e5) == 373
+    with torch.device("meta"):
+        gpt = GPT(GPTConfig(vocab_size=8192, seq_len=256, prefix_vocab_size=1, prefix_len=1, arch="fairseq_postln",
+                            **shape))
+    assert round(sum(p.numel() for p in gpt.parameters()) / 1e5) == 400
+
+
 def test_the_configs_name_the_model_forms():
     schema = yaml.safe_load((REPO / "digit/runtime/config.schema.yaml").read_text())
     assert schema["$defs"]["transformer_training"]["properties"]["arch"]["enum"] == list(ARCHS)

@@ -47,6 +47,10 @@ from torch.utils.checkpoint import checkpoint
 # inferred from its 732M (and the probe's 1536 features); the head count is not known (16 assumed).
 PRESETS = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, n_ffn=512),
+    # The paper's 39M GPT of the encoder ablation (Fig. 4a), whose shape is not published: width 512 with
+    # heads of 64 and FFN 4d (fairseq's transformer_lm width), and the depth whose count by the paper's
+    # convention (tests/test_gpt.py, K=8192) is nearest 39M: 10 layers 40.4M (9: 37.3M).
+    "small": dict(n_layer=10, n_head=8, n_embd=512, n_ffn=2048),
     "base": dict(n_layer=16, n_head=16, n_embd=1024, n_ffn=4096),
     "large": dict(n_layer=24, n_head=16, n_embd=1536, n_ffn=6144),
 }

@@ -1,37 +1,153 @@
-"""The frozen DINOv2-family encoder: patch features of one intermediate block, built with timm.
+"""The frozen self-supervised encoder: patch features of one intermediate block, built with timm.
 
 The feature of DiGIT is the output of an intermediate block (third from last in the paper),
 through the model's final LayerNorm, with class and register tokens dropped. The blocks after
 the selected one are cut off, since nothing reads them.
+
+`encoder.family` says whose self-supervised weights the ViT carries: DINOv2 (the paper's
+tokenizer) or, for the encoder ablation (Fig. 4a), MAE, MoCo v3 or iBOT. A weights file is either
+timm's state dict of the model or the family's official checkpoint, converted key by key here.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict into `model`, in timm's layout or in that of Meta's DINOv2 checkpoints
-    (`dinov2_vitb14_reg4_pretrain.pth`: converted by timm's own filter); every key must match both ways."""
+@dataclass(frozen=True)
+class Family:
+    """Whose weights: the timm architectures they fit, the official checkpoint's container and key
+    prefix, the modules of that checkpoint the tokenizer does not use (dropped by name, never
+    silently), and where they come from."""
+    arch: str                 # regular expression an encoder.arch of this family matches
+    container: tuple          # top-level keys of the official checkpoint that hold the state dict, in order tried
+    prefix: str               # prefix of the encoder's keys in that state dict
+    unused: tuple             # regular expressions of the official keys that are dropped (heads, decoders, ...)
+    timm_tag: str | None      # timm's pretrained tag of these weights (encoder.weights: timm), None: timm has none
+    source: str
+
+
+FAMILIES = {
+    # Meta's dinov2_vit*_pretrain.pth is converted by timm's own filter (register_tokens, the class position in
+    # pos_embed, SwiGLU w12/w3; mask_token dropped), so nothing is converted here.
+    "dinov2": Family(arch=r"_dinov2(\.|$)", container=(), prefix="", unused=(), timm_tag="lvd142m",
+                     source="https://github.com/facebookresearch/dinov2"),
+    # mae_pretrain_vit_base.pth: {'model': encoder}; the visualisation checkpoints also hold the decoder.
+    "mae": Family(arch=r"^vit_[a-z]+_patch16_224(\.mae)?$", container=("model",), prefix="",
+                  unused=(r"mask_token", r"decoder_embed\..*", r"decoder_pos_embed", r"decoder_blocks\..*",
+                          r"decoder_norm\..*", r"decoder_pred\..*"),
+                  timm_tag="mae", source="https://github.com/facebookresearch/mae"),
+    # vit-b-300ep.pth.tar: {'state_dict': {'module.base_encoder.*', 'module.momentum_encoder.*',
+    # 'module.predictor.*'}, 'optimizer', ...}; the base encoder's head is MoCo's projector MLP.
+    "mocov3": Family(arch=r"^vit_[a-z]+_patch16_224$", container=("state_dict",), prefix="module.base_encoder.",
+                     unused=(r"module\.base_encoder\.head\..*", r"module\.momentum_encoder\..*",
+                             r"module\.predictor\..*"),
+                     timm_tag=None, source="https://github.com/facebookresearch/moco-v3"),
+    # checkpoint_teacher.pth: {'state_dict': backbone}; a full checkpoint.pth's {'teacher': {'backbone.*', 'head.*'}}
+    # (what DiGIT's load_pretrained_ibot reads). iBOT's own loader strips 'module.' and 'backbone.' likewise.
+    "ibot": Family(arch=r"^vit_[a-z]+_patch16_224$", container=("state_dict", "teacher"), prefix="",
+                   unused=(r"(module\.)?(backbone\.)?head\..*", r"(module\.)?(backbone\.)?masked_embed"),
+                   timm_tag=None, source="https://github.com/bytedance/ibot"),
+}
+
+
+def check_family(enc: dict) -> Family:
+    """The family of `encoder`, checked against its arch and weights."""
+    family = FAMILIES[enc["family"]]
+    if not re.search(family.arch, enc["arch"]):
+        raise ValueError(f"encoder.arch {enc['arch']} is not a {enc['family']} model (encoder.family): "
+                         f"expected a timm name matching {family.arch}")
+    if enc["weights"] == "timm":
+        tag = enc["arch"].partition(".")[2]
+        if family.timm_tag is None:
+            raise ValueError(f"encoder.weights is 'timm' but timm has no {enc['family']} weights (encoder.family): "
+                             f"set encoder.weights: file and encoder.weights_file to the official checkpoint "
+                             f"({family.source})")
+        if tag != family.timm_tag:
+            raise ValueError(f"encoder.weights is 'timm' with encoder.arch {enc['arch']}: timm's {enc['family']} "
+                             f"weights are the tag .{family.timm_tag} (encoder.family)")
+    return family
+
+
+def read_state(path: Path) -> dict:
+    """The file's contents, read without running any code: safetensors, or torch.load(weights_only=True)."""
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"encoder weights file {path} (encoder.weights_file) holds Python objects besides tensors and plain "
+            f"containers, so it is not unpickled ({str(e).splitlines()[0]}). Where you trust the file, convert it: "
+            f"python -c \"import torch, safetensors.torch as s; c = torch.load('{path.name}', weights_only=False); "
+            f"s.save_file({{k: v.contiguous() for k, v in c[KEY].items()}}, 'encoder.safetensors')\" with KEY the "
+            "state dict's key (model, state_dict or teacher), then name that file") from None
+
+
+def convert_official(state: dict, family_name: str, path: Path) -> dict:
+    """The family's official checkpoint as a flat state dict in timm's names (DINOv2's are left to timm's
+    filter); a flat dict of tensors is taken to be timm's layout and returned as it is."""
+    family = FAMILIES[family_name]
+    container = next((key for key in family.container if isinstance(state.get(key), dict)), None)
+    if container is None:
+        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"encoder weights file {path} (encoder.weights_file) is neither timm's state dict nor "
+                             f"{family_name}'s checkpoint (encoder.family): its keys {bad[:5]} are not tensors and "
+                             f"none of {list(family.container)} holds the state dict")
+        return state
+    state = state[container]
+    prefix = family.prefix
+    if family_name == "ibot":  # the teacher of a full checkpoint is 'backbone.' + the ViT, maybe under 'module.'
+        prefix = next((p for p in ("module.backbone.", "backbone.", "module.") if any(k.startswith(p) for k in state)),
+                      "")
+    out, stray = {}, []
+    for key, value in state.items():
+        if any(re.fullmatch(pattern, key) for pattern in family.unused):
+            continue
+        if not key.startswith(prefix):
+            stray.append(key)
+            continue
+        name = key[len(prefix):]
+        # iBOT's (and BEiT's) layer scale; timm's filter renames gamma_1/2 of the timm layout the same way
+        name = re.sub(r"\.gamma_([12])$", r".ls\1.gamma", name)
+        out[name] = value
+    if stray:
+        raise ValueError(f"encoder weights file {path} (encoder.weights_file): {family_name} checkpoint "
+                         f"['{container}'] has unexpected keys {stray} (neither under '{prefix}' nor dropped)")
+    return out
+
+
+def load_weights(model: nn.Module, path: str | Path, family: str = "dinov2") -> None:
+    """Load a weights file into `model`: timm's layout or the official checkpoint of `family` (Meta's
+    DINOv2 `dinov2_vitb14_reg4_pretrain.pth`, MAE's `model`, MoCo v3's `state_dict`, iBOT's `state_dict` or
+    `teacher`); every key must match both ways, in shape too."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights file {path} (config key encoder.weights_file) does not exist")
-    if path.suffix == ".safetensors":
-        state_dict = safetensors.torch.load_file(path)
-    else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    # timm's own filter converts Meta's layout (register_tokens, class position in pos_embed, SwiGLU
-    # w12/w3) and resamples the position embedding to the configured img_size (518 -> 224).
-    state_dict = checkpoint_filter_fn(state_dict, model)
+    state_dict = convert_official(read_state(path), family, path)
     problem = f"encoder weights file {path} (encoder.weights_file) does not fit {type(model).__name__}"
+    # Shapes first: timm's filter would resample a patch embedding of another size without a word. The
+    # position embedding is resampled on purpose, to the configured img_size (518 -> 224, 224 -> 256).
+    own = model.state_dict()
+    misshapen = [f"{k}: {list(v.shape)} in the file, {list(own[k].shape)} in the model" for k, v in state_dict.items()
+                 if k in own and k != "pos_embed" and tuple(v.shape) != tuple(own[k].shape)]
+    if misshapen:
+        raise ValueError(f"{problem}: misshapen keys {misshapen}")
+    # timm's own filter converts Meta's DINOv2 layout and resamples the position embedding.
+    state_dict = checkpoint_filter_fn(state_dict, model)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:
@@ -43,7 +159,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 def create_model(config: dict) -> nn.Module:
     """The full timm model with the weights that `encoder.weights` asks for."""
     enc = config["encoder"]
-    kwargs = dict(num_classes=0, **enc["overrides"])
+    check_family(enc)
+    # Every family normalises with ImageNet's mean and std (DiGIT's prepare_semantic, for all its encoders);
+    # timm's untagged ViT names would default to (0.5, 0.5).
+    kwargs = dict(num_classes=0, pretrained_cfg_overlay=dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+                  **enc["overrides"])
     if enc["weights"] == "timm":
         try:
             return timm.create_model(enc["arch"], pretrained=True, **kwargs)
@@ -58,7 +178,7 @@ def create_model(config: dict) -> nn.Module:
         torch.manual_seed(config["seed"])
         model = timm.create_model(enc["arch"], pretrained=False, **kwargs)
     if enc["weights"] == "file":
-        load_weights(model, enc["weights_file"])
+        load_weights(model, enc["weights_file"], enc["family"])
     return model
 
 
