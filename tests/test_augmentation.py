@@ -194,3 +194,16 @@ def test_both_tokenizers_cache_the_same_crop_of_each_view(config, wide_manifest,
     write_json(tmp_path / "vq_tokens" / "meta.json", {**meta, "view_seed": 4})
     with pytest.raises(ValueError, match="random-crop seeds differ"):
         run_train_decoder(config, tmp_path / "tokens", tmp_path / "vq_tokens", tmp_path / "stage2")
+
+
+def test_encoder_resizes_a_view_to_its_input_as_the_official(config):
+    """A 256 view goes to DINOv2's 224 by bicubic interpolation without antialias (the official
+    prepare_semantic); here 32 -> 24. Normalising before or after the resize is the same."""
+    c = copy.deepcopy(config)
+    c["encoder"]["overrides"].update(img_size=24)  # patch 8: a 3x3 grid
+    encoder = FeatureEncoder(c)
+    images = torch.stack([random_crop(pattern(48, 32, s), SIZE, (0, s)) for s in range(4)])
+    resized = torch.nn.functional.interpolate(images.float(), size=(24, 24), mode="bicubic", antialias=False)
+    antialiased = torch.nn.functional.interpolate(images.float(), size=(24, 24), mode="bicubic", antialias=True)
+    assert torch.allclose(encoder(images), encoder(resized), atol=1e-4)
+    assert not torch.allclose(encoder(images), encoder(antialiased), atol=1e-2)
