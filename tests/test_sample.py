@@ -99,6 +99,23 @@ def test_guidance_changes_the_samples_deterministically(chain, tmp_path):
     assert np.array_equal(a, b) and not np.array_equal(a, plain)
 
 
+def test_stage2_top_p_is_the_ar_decoders_nucleus_and_maskgit_samples_plainly(chain, tmp_path):
+    """The official NAR decoder samples from the whole distribution; top-p 0.8 is the AR decoder's."""
+    config, stage1, stage2, vq = chain
+    decoder = config["stage2"]["decoder"]
+    for name, top_p in (("off", 1.0), ("nucleus", 0.8), ("narrow", 0.05)):
+        config["sample"]["stage2_top_p"] = top_p
+        sample(config, stage1, stage2, vq, tmp_path / name)
+    off, nucleus, narrow = (np.load(tmp_path / d / "samples.npz") for d in ("off", "nucleus", "narrow"))
+    assert np.array_equal(off["sem"], narrow["sem"])  # stage 1 is not concerned
+    if decoder == "nar":
+        assert np.array_equal(off["vq"], nucleus["vq"]) and np.array_equal(off["vq"], narrow["vq"])
+        for name in ("nucleus", "narrow"):
+            assert (tmp_path / "off" / "grid.png").read_bytes() == (tmp_path / name / "grid.png").read_bytes()
+    else:
+        assert not np.array_equal(off["vq"], narrow["vq"])
+
+
 def test_guidance_refuses_a_model_without_a_null_class(chain, tmp_path):
     config, stage1, stage2, vq = chain
     meta = json.loads((stage1 / "model.json").read_text())

@@ -59,13 +59,14 @@ def check_chain(stage1: dict, stage2: dict | None, vq: dict, vq_sha256: str, ima
 @torch.no_grad()
 def decode_stage2(stage2: GPT, sem: torch.Tensor, sc: dict, sep: int, generator: torch.Generator,
                   precision: str) -> torch.Tensor:
-    """Discriminative tokens [B, T_sem] -> VQ tokens [B, T_vq]: AR with top-p, or MaskGIT decoding."""
+    """Discriminative tokens [B, T_sem] -> VQ tokens [B, T_vq]: AR with top-p (sample.stage2_top_p), or
+    MaskGIT decoding, which samples plainly from the model's distribution as the official NAR decoder
+    does (stage2_top_p is the AR decoder's nucleus and does not apply to it)."""
     prefix = torch.cat([sem, torch.full_like(sem[:, :1], sep)], dim=1)
     with torch.autocast(sem.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         if stage2.cfg.causal:
             return stage2.generate(prefix, top_p=sc["stage2_top_p"], generator=generator)
-        return generate_masked(stage2, prefix, sc["stage2_steps"], sc["stage2_choice_temperature"],
-                               top_p=sc["stage2_top_p"], generator=generator)
+        return generate_masked(stage2, prefix, sc["stage2_steps"], sc["stage2_choice_temperature"], generator=generator)
 
 
 @torch.no_grad()
