@@ -28,6 +28,8 @@ def write_experiment(config: dict, name: str, k: int, decoder: str, root) -> str
     path.write_text(yaml.safe_dump(config))
     (root / "results" / name).mkdir(parents=True)
     (root / "results" / name / "metrics.json").write_text(json.dumps(METRICS[name]))
+    if name == "base":  # the VQ reconstructions' IS is one of the report's details, not in metrics.json
+        (root / "results" / name / "report.json").write_text(json.dumps({"details": {"vq_recon_inception_score": 42.0}}))
     return str(path)
 
 
@@ -59,6 +61,7 @@ def test_settings_that_differ_and_the_metrics(configs, capsys):
     assert {"FID": "17.05", "FID calibrated": "no", "IS": "1.00", "KID": "0.041", "CAS": "0.48", "chance": "0.1",
             "probe top-1": "0.995", "UB FID": "14.51"}.items() <= rows["base"].items()
     assert rows["base"]["precision"] == rows["base"]["recall"] == rows["base"]["VQ PSNR"] == "-"
+    assert (rows["base"]["VQ IS"], rows["big-k"]["VQ IS"]) == ("42.00", "-")  # from report.json's details
     assert (rows["big-k"]["FID"], rows["big-k"]["precision"], rows["big-k"]["recall"]) == ("12.35", "0.61", "0.4")
 
 
@@ -89,7 +92,7 @@ def test_published_rows_are_labelled_and_in_the_metric_columns(configs, capsys):
     assert "DiGIT paper" not in compare(capsys, "--configs", *configs)
     rows = tsv_rows(capsys, "--configs", *configs, "--published")
     paper = {name: row for name, row in rows.items() if name.startswith("DiGIT paper (ImageNet 256): ")}
-    assert len(paper) == 9 and list(rows)[:2] == ["base", "big-k"]
+    assert len(paper) == 11 and list(rows)[:2] == ["base", "big-k"]
     class_cond = paper["DiGIT paper (ImageNet 256): class-cond. 219M + AR"]
     assert (class_cond["FID"], class_cond["IS"], class_cond["CAS"]) == ("4.79", "142.87", "-")
     assert (class_cond["kmeans.k"], class_cond["stage2.decoder"]) == ("", "")
@@ -97,6 +100,10 @@ def test_published_rows_are_labelled_and_in_the_metric_columns(configs, capsys):
     assert (large["FID"], large["IS"]) == ("4.59", "141.29")
     upper = paper["DiGIT paper (ImageNet 256): upper bound (UB FID, UB IS)"]
     assert (upper["UB FID"], upper["UB IS"], upper["FID"]) == ("1.92", "184.40", "-")
+    vq_only = paper["DiGIT paper (ImageNet 256): upper bound, VQ only (VQ FID, VQ IS)"]
+    assert (vq_only["VQ FID"], vq_only["VQ IS"], vq_only["UB FID"], vq_only["FID"]) == ("1.67", "175.56", "-", "-")
+    baseline = paper["DiGIT paper (ImageNet 256): uncond. VQ-token baseline 219M + AR"]
+    assert (baseline["FID"], baseline["IS"], baseline["UB FID"]) == ("24.38", "30.93", "-")
     assert paper["DiGIT paper (ImageNet 256): linear probe 219M"]["probe top-1"] == "0.717"
     assert paper["DiGIT paper (ImageNet 256): linear probe 732M"]["probe top-1"] == "0.803"
 

@@ -11,11 +11,12 @@ from digit.runtime.io import read_json
 KEY_SETTINGS = ("encoder.arch", "kmeans.k", "stage1.preset", "stage2.decoder", "sample.top_k", "sample.cfg_scale")
 
 # metrics.json key -> column header, in table order. UB: the upper bound (true val tokens -> stage 2
-# -> VQ decoder); VQ: the VQ autoencoder's reconstructions alone.
+# -> VQ decoder); VQ: the VQ autoencoder's reconstructions alone (VQ IS from report.json's details).
 METRICS = {"fid": "FID", "fid_calibrated": "FID calibrated", "inception_score": "IS", "kid": "KID",
            "precision": "precision", "recall": "recall", "cas": "CAS", "chance": "chance",
            "probe_top1_best": "probe top-1", "upper_bound_fid": "UB FID", "upper_bound_inception_score": "UB IS",
-           "upper_bound_psnr": "UB PSNR", "vq_recon_fid": "VQ FID", "vq_recon_psnr": "VQ PSNR",
+           "upper_bound_psnr": "UB PSNR", "vq_recon_fid": "VQ FID",
+           "vq_recon_inception_score": "VQ IS", "vq_recon_psnr": "VQ PSNR",
            "stage1_final_loss": "stage-1 loss", "stage2_final_loss": "stage-2 loss"}
 
 # The DiGIT paper (NeurIPS 2024), ImageNet 256x256. Probe top-1 as a fraction, as probe.py writes it.
@@ -26,7 +27,10 @@ PUBLISHED = (
     ("class-cond. 219M + AR", {"fid": 4.79, "inception_score": 142.87}),
     ("class-cond. 219M + MaskGIT", {"fid": 4.62, "inception_score": 146.19}),
     ("class-cond. 732M + AR", {"fid": 3.39, "inception_score": 205.96}),
+    ("uncond. VQ-token baseline 219M + AR", {"fid": 24.38, "inception_score": 30.93}),  # Table 3, ablation
     ("upper bound (UB FID, UB IS)", {"upper_bound_fid": 1.92, "upper_bound_inception_score": 184.40}),
+    # "VQ only": MAGE's VQGAN reconstructing the val images, this pipeline's vq_recon_* metrics
+    ("upper bound, VQ only (VQ FID, VQ IS)", {"vq_recon_fid": 1.67, "vq_recon_inception_score": 175.56}),
     ("linear probe 219M", {"probe_top1_best": 0.717}),
     ("linear probe 732M", {"probe_top1_best": 0.803}),
 )
