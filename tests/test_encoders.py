@@ -323,3 +323,31 @@ def test_family_arch_and_weights_must_agree(tiny_config, family, arch, weights, 
     tiny_config["encoder"].update(family=family, arch=arch, weights=weights)
     with pytest.raises(ValueError, match=match):
         create_model(tiny_config)
+
+
+def test_the_encoder_ablation_configs():
+    """config/paper/ablation-*.yaml (Fig. 4a; workflow/scripts/paper_configs.py): each encoder's family, file and
+    grid, the third-from-last block through the final norm, the 39M GPT, unconditional, 100 epochs; they validate
+    and are feasible (tests/test_paper_configs.py plans them)."""
+    from pathlib import Path
+
+    from digit.runtime.config import _encoder_grid, check_feasible, load_config
+    paper = Path(__file__).resolve().parents[1] / "config" / "paper"
+    expected = {"mae": ("vit_base_patch16_224.mae", "mae_pretrain_vit_base.pth", 256, 16),
+                "mocov3": ("vit_base_patch16_224", "vit-b-300ep.pth.tar", 256, 16),
+                "ibot": ("vit_base_patch16_224", "checkpoint_teacher.pth", 256, 16),
+                "dinov2": ("vit_base_patch14_reg4_dinov2.lvd142m", "vit_base_patch14_reg4_dinov2.lvd142m.safetensors",
+                           224, 14)}
+    for family, (arch, file, size, patch) in expected.items():
+        config = load_config(paper / f"ablation-{family}.yaml")
+        check_feasible(config, machine=False)
+        enc = config["encoder"]
+        assert (enc["family"], enc["arch"], enc["weights"], Path(enc["weights_file"]).name) == (family, arch, "file", file)
+        assert (enc["block"], enc["final_norm"]) == (-3, True)
+        assert _encoder_grid(enc) == ([size, size], patch) and size // patch == 16  # 256 tokens
+    for name in [*expected, "vq"]:
+        config = load_config(paper / f"ablation-{name}.yaml")
+        s1 = config["stage1"]
+        assert (s1["preset"], s1["class_conditional"], s1["class_dropout"]) == ("small", False, 0)
+        assert s1["steps"] * s1["batch_size"] // 1281167 == 99  # 100 epochs, 1024 x 125k
+        assert s1["tokens"] == ("vq" if name == "vq" else "discriminative")
