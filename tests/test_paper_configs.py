@@ -55,7 +55,7 @@ def test_no_paper_row_drops_the_class_and_the_cfg_configs_are_labelled():
 
 
 def test_the_rows_official_settings():
-    rows = {name: load_config(OUT / f"{name}.yaml") for name in ROWS}
+    rows = {name: load_config(OUT / f"{name}.yaml") for name in ROWS if not name.startswith("ablation-")}
     for name, config in rows.items():
         large = "732m" in name
         assert config["stage1"]["preset"] == ("large" if large else "base")
