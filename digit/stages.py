@@ -150,7 +150,7 @@ STAGES: dict[str, Stage] = {
                                     (("--evaluate", "directory from evaluate"), ("--probe", "directory from probe"),
                                      ("--upper-bound", "directory from upper-bound"), STAGE1, STAGE2, VQ,
                                      ("--samples", "directory from sample"),
-                                     ("--out", "experiment results directory")), optional=("--stage2",))}),
+                                     ("--out", "experiment results directory")), optional=("--probe", "--stage2"))}),
 }
 
 COMMANDS: dict[str, Command] = {name: command for stage in STAGES.values() for name, command in stage.commands.items()}

@@ -86,6 +86,10 @@ def test_every_row_plans(in_tmp, name):
     jobs = planned_jobs(result.stdout)
     assert jobs["report"]["output"][0] == f"results/{experiment(name)}/metrics.json"
     everything = RULES - TARGETS - {"synthesize"} | {"all"}
+    if config["stage1"]["class_conditional"] and not config["stage1"]["class_dropout"]:
+        # the probe runs stage 1 without its class: a class-conditional paper row (no null class) has none
+        everything -= {"probe"}
+        assert not [path for path in jobs["report"]["input"] if path.endswith("/probe")]
     if config["stage1"]["tokens"] == "vq":  # the VQ-token baseline: no stage 2, no discriminative token cache
         assert set(jobs) == everything - {"tokenize_shard", "tokenize", "train_decoder"}
         assert jobs["train_ar"]["input"] == [f"results/{experiment(name)}/vq_tokens"]

@@ -62,3 +62,15 @@ def test_a_pretrained_vq_model_reports_zero_steps(tiny_config, stage_dirs, in_tm
     metrics = json.loads((in_tmp / "out" / "metrics.json").read_text())
     details = json.loads((in_tmp / "out" / "report.json").read_text())["details"]
     assert details["vq_steps"] == 0 and "vq_final_loss" not in metrics
+
+
+def test_a_report_without_a_probe_or_stage_2(tiny_config, stage_dirs, in_tmp):
+    """A class-conditional model without a null class has no probe; the VQ-token baseline no stage 2."""
+    out = in_tmp / "out"
+    run_report(tiny_config, stage_dirs["evaluate"], None, stage_dirs["upper_bound"], stage_dirs["stage1"], None,
+               stage_dirs["vq"], stage_dirs["samples"], out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "probe_top1_best" not in metrics and "stage2_final_loss" not in metrics and metrics["fid"] == 12.5
+    assert sorted(p.name for p in (out / "curves").iterdir()) == ["stage1.tsv", "vq.tsv"]
+    assert set(json.loads((out / "report.json").read_text())["provenance"]["inputs"]) == {
+        "metrics", "upper_bound", "grid", "vq_log", "stage1_log"}

@@ -30,7 +30,7 @@ def final_row(log_path: Path) -> dict | None:
     return {k: float(v) for k, v in rows[-1].items()}
 
 
-def run_report(config: dict, evaluate_dir: str | Path, probe_dir: str | Path, upper_bound_dir: str | Path,
+def run_report(config: dict, evaluate_dir: str | Path, probe_dir: str | Path | None, upper_bound_dir: str | Path,
                stage1_dir: str | Path, stage2_dir: str | Path | None, vq_dir: str | Path, samples_dir: str | Path, out_dir: str | Path) -> None:
     """out_dir/metrics.json (the HEADLINE figures of evaluate, probe and upper bound, final losses),
     out_dir/report.json (the rest of their metrics.json under "details", and the provenance),
@@ -40,7 +40,8 @@ def run_report(config: dict, evaluate_dir: str | Path, probe_dir: str | Path, up
     # no stage 2 in the VQ-token baseline
     logs = {stage: Path(d) / "log.tsv" for stage, d in zip(STAGES, (vq_dir, stage1_dir, stage2_dir)) if d is not None}
     measured = ({"experiment": config["experiment"]} | read_json(Path(evaluate_dir) / "metrics.json")
-                | read_json(Path(probe_dir) / "metrics.json") | read_json(Path(upper_bound_dir) / "metrics.json"))
+                | (read_json(Path(probe_dir) / "metrics.json") if probe_dir is not None else {})
+                | read_json(Path(upper_bound_dir) / "metrics.json"))
     for stage, log in logs.items():
         last = final_row(log)
         if last is not None:
@@ -54,10 +55,12 @@ def run_report(config: dict, evaluate_dir: str | Path, probe_dir: str | Path, up
     with atomic_dir(out_dir / "curves") as tmp:
         for stage, log in logs.items():
             shutil.copyfile(log, tmp / f"{stage}.tsv")
-        shutil.copyfile(Path(probe_dir) / "layers.tsv", tmp / "probe.tsv")  # top-1 per layer
+        if probe_dir is not None:  # no probe of a class-conditional model without a null class
+            shutil.copyfile(Path(probe_dir) / "layers.tsv", tmp / "probe.tsv")  # top-1 per layer
     with atomic_path(out_dir / "grid.png") as tmp:
         shutil.copyfile(grid, tmp)
-    inputs = {"metrics": Path(evaluate_dir) / "metrics.json", "probe": Path(probe_dir) / "metrics.json",
+    inputs = {"metrics": Path(evaluate_dir) / "metrics.json",
+              **({"probe": Path(probe_dir) / "metrics.json"} if probe_dir is not None else {}),
               "upper_bound": Path(upper_bound_dir) / "metrics.json", "grid": grid} | {f"{s}_log": p for s, p in logs.items()}
     write_json(out_dir / "report.json", {"details": {k: v for k, v in measured.items() if k not in metrics},
                                          "provenance": provenance(config, "report", inputs)})

@@ -45,8 +45,14 @@ STAGE1_TOKENS = f"{R}/vq_tokens" if VQ_BASELINE else f"{R}/tokens"
 STAGE2 = {} if VQ_BASELINE else {"stage2": f"{R}/stage2"}  # the stage-2 input of the rules that decode
 STAGE2_FLAG = "" if VQ_BASELINE else "--stage2 {input.stage2:q} "
 TOKENS_FLAG = "" if VQ_BASELINE else "--tokens {input.tokens:q} "  # the upper bound's discriminative tokens
+# The linear probe runs stage 1 without its class: on an unconditional model, or on the null class of
+# one trained with class dropout (the paper probes its unconditional models). Other models get none.
+PROBE = not config["stage1"]["class_conditional"] or config["stage1"]["class_dropout"] > 0
+PROBE_INPUT = {"probe": f"{R}/probe"} if PROBE else {}
+PROBE_FLAG = "--probe {input.probe:q} " if PROBE else ""
 REPORT_OUTPUTS = [f"{R}/metrics.json", f"{R}/grid.png", f"{R}/report.json"] + [
-    f"{R}/curves/{name}.tsv" for name in ("vq", "stage1", *([] if VQ_BASELINE else ["stage2"]), "probe")
+    f"{R}/curves/{name}.tsv"
+    for name in ("vq", "stage1", *([] if VQ_BASELINE else ["stage2"]), *(["probe"] if PROBE else []))
 ]
 STABILITY_OUTPUTS = [f"{R}/stability/stability.{ext}" for ext in ("tsv", "png", "json")]
 

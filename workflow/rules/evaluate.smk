@@ -97,12 +97,12 @@ rule upper_bound:
 rule report:
     input:
         evaluate=f"{R}/evaluate",
-        probe=f"{R}/probe",
         upper_bound=f"{R}/upper_bound",
         stage1=f"{R}/stage1",
         vq=f"{R}/vq",
         samples=f"{R}/samples",
         **STAGE2,
+        **PROBE_INPUT,
     output:
         REPORT_OUTPUTS,
     params:
@@ -114,7 +114,7 @@ rule report:
         "../../environment.yml"
     shell:
         digit(
-            "report --evaluate {input.evaluate:q} --probe {input.probe:q} --upper-bound {input.upper_bound:q} "
+            f"report --evaluate {{input.evaluate:q}} {PROBE_FLAG}--upper-bound {{input.upper_bound:q}} "
             f"--stage1 {{input.stage1:q}} {STAGE2_FLAG}"
             "--vq {input.vq:q} --samples {input.samples:q} --out {params.out:q}"
         )
