@@ -4,13 +4,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import RULES, TARGETS, fake_imagenet, snakemake
+from test_workflow import RULES, TARGETS, plan_on_fake_imagenet, planned_jobs
 
 from digit.runtime.config import check_feasible, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow" / "scripts"))
-from dvc_yaml import planned_jobs  # noqa: E402
 from paper_configs import OUT, ROWS, experiment, render  # noqa: E402
 
 PAPER = sorted(name for name, row in ROWS.items() if not row.cfg)
@@ -78,12 +77,7 @@ def test_the_rows_official_settings():
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_every_row_plans(in_tmp, name):
     config = yaml.safe_load((OUT / f"{name}.yaml").read_text())
-    fake_imagenet(in_tmp / "imagenet")
-    config["data"]["root"] = str(in_tmp / "imagenet")
-    (in_tmp / "c.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake("-n", "--configfile", "c.yaml", "-d", str(in_tmp), cwd=in_tmp)
-    assert result.returncode == 0, result.stderr
-    jobs = planned_jobs(result.stdout)
+    jobs = planned_jobs(plan_on_fake_imagenet(config, in_tmp))
     assert jobs["report"]["output"][0] == f"results/{experiment(name)}/metrics.json"
     everything = RULES - TARGETS - {"synthesize"} | {"all"}
     if config["stage1"]["class_conditional"] and not config["stage1"]["class_dropout"]:

@@ -125,11 +125,11 @@ def test_guidance_refuses_a_model_without_a_null_class(chain, tmp_path):
         sample(config, stage1, stage2, vq, tmp_path / "samples")
 
 
-def test_upper_bound_decodes_the_ground_truth_tokens_of_the_val_images(chain, tmp_path):
-    config, stage1, stage2, vq = chain
+def val_manifest(tmp_path):
+    """A manifest of N random 8 px images (train and val alike), the val images whose tokens the caches hold."""
     rng = np.random.default_rng(0)
     entries = []
-    for i in range(N):  # the val images whose tokens the chain's cache holds
+    for i in range(N):
         path = tmp_path / "val" / f"{i:03d} image.png"
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
@@ -137,6 +137,12 @@ def test_upper_bound_decodes_the_ground_truth_tokens_of_the_val_images(chain, tm
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"classes": [f"c{i}" for i in range(CLASSES)],
                                     "splits": {"train": entries, "val": entries}}))
+    return manifest, entries
+
+
+def test_upper_bound_decodes_the_ground_truth_tokens_of_the_val_images(chain, tmp_path):
+    config, stage1, stage2, vq = chain
+    manifest, entries = val_manifest(tmp_path)
     config["upper_bound"]["num_images"] = 12
     run_upper_bound(config, manifest, tmp_path / "tokens", stage2, vq, tmp_path / "ub")
     metrics = json.loads((tmp_path / "ub" / "metrics.json").read_text())
@@ -271,16 +277,7 @@ def test_the_vq_token_baseline_needs_a_vq_cache(tiny_config, tmp_path):
 
 def test_the_upper_bound_of_the_vq_token_baseline_is_the_vq_reconstruction(vq_baseline, tmp_path):
     config, _, vq = vq_baseline
-    rng = np.random.default_rng(0)
-    entries = []
-    for i in range(N):
-        path = tmp_path / "val" / f"{i:03d}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
-        entries.append({"path": str(path), "label": i % CLASSES, "sha256": sha256_file(path)})
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"classes": [f"c{i}" for i in range(CLASSES)],
-                                    "splits": {"train": entries, "val": entries}}))
+    manifest, _ = val_manifest(tmp_path)
     config["upper_bound"]["num_images"] = 12
     run_upper_bound(config, manifest, None, None, vq, tmp_path / "ub")
     metrics = json.loads((tmp_path / "ub" / "metrics.json").read_text())

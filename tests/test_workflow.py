@@ -41,21 +41,27 @@ def test_dry_run_plans_every_stage_of_the_demo(in_tmp):
     assert set(planned_jobs(result.stdout)) == RULES - TARGETS | {"all"}
 
 
+def plan_on_fake_imagenet(config: dict, directory: Path) -> str:
+    """What `snakemake -n` prints for an ImageNet config, its data.root a fake ImageNet folder."""
+    fake_imagenet(directory / "imagenet")
+    config["data"]["root"] = str(directory / "imagenet")
+    (directory / "c.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake("-n", "--configfile", "c.yaml", "-d", str(directory), cwd=directory)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 @pytest.mark.parametrize("name", ["imagenet-base", "imagenet-large"])
 def test_imagenet_configs_plan(in_tmp, name):
     config = yaml.safe_load((REPO / f"config/{name}.yaml").read_text())
-    fake_imagenet(in_tmp / "imagenet")
-    config["data"]["root"] = str(in_tmp / "imagenet")
-    (in_tmp / "c.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake("-n", "--configfile", "c.yaml", "-d", str(in_tmp), cwd=in_tmp)
-    assert result.returncode == 0, result.stderr
-    jobs = planned_jobs(result.stdout)
+    dry_run = plan_on_fake_imagenet(config, in_tmp)
+    jobs = planned_jobs(dry_run)
     assert set(jobs) == RULES - TARGETS - {"synthesize"} | {"all"}
     assert jobs["prepare"]["input"] == [str(in_tmp / "imagenet")]
     assert jobs["report"]["output"][0] == f"results/{name}/metrics.json"
     for rule, count in (("features_shard", config["kmeans"]["feature_shards"]),
                         ("tokenize_shard", config["tokenize"]["shards"]), ("sample_shard", 50)):
-        shards = re.findall(rf"rule {rule}:\n(?:.*\n)*?\s+wildcards: shard=(\d+)", result.stdout)
+        shards = re.findall(rf"rule {rule}:\n(?:.*\n)*?\s+wildcards: shard=(\d+)", dry_run)
         assert sorted(map(int, shards)) == list(range(count)), rule
 
 
