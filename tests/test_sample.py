@@ -27,6 +27,16 @@ def sample(config, stage1, stage2, vq, out):
     run_sample(config, shards, out)
 
 
+def random_vq(tmp_path):
+    """A VQ model directory (model.safetensors, model.json) of VQ_ARCH's random weights (seed 0)."""
+    torch.manual_seed(0)
+    vq_dir = tmp_path / "vq"
+    vq_dir.mkdir()
+    save_file(build_vq(VQ_ARCH).state_dict(), vq_dir / "model.safetensors")
+    (vq_dir / "model.json").write_text(json.dumps(VQ_ARCH | {"image_size": 8, "grid": [4, 4]}))
+    return vq_dir
+
+
 @pytest.fixture(params=["ar", "nar"])
 def chain(request, tiny_config, tmp_path):
     """A random VQ model (VQ_ARCH), and both stages trained a few steps; stage 2 is the AR or the
@@ -35,11 +45,7 @@ def chain(request, tiny_config, tmp_path):
     tiny_config["stage2"]["decoder"] = request.param
     for stage in ("stage1", "stage2"):
         tiny_config[stage]["precision"] = "fp32"
-    torch.manual_seed(0)
-    vq_dir = tmp_path / "vq"
-    vq_dir.mkdir()
-    save_file(build_vq(VQ_ARCH).state_dict(), vq_dir / "model.safetensors")
-    (vq_dir / "model.json").write_text(json.dumps(VQ_ARCH | {"image_size": 8, "grid": [4, 4]}))
+    vq_dir = random_vq(tmp_path)
     labels = np.arange(N) % CLASSES
     sem = sem_tokens(labels)
     tokens = write_cache(tmp_path / "tokens", "discriminative", sem, labels, K, codebook_sha256="c" * 64)
@@ -239,11 +245,7 @@ def vq_baseline(tiny_config, tmp_path):
     """The paper's VQ-token baseline: stage 1 trained on the VQ tokens of a random VQ model (VQ_ARCH)."""
     tiny_config["data"]["image_size"] = 8
     tiny_config["stage1"] |= {"tokens": "vq", "precision": "fp32"}
-    torch.manual_seed(0)
-    vq_dir = tmp_path / "vq"
-    vq_dir.mkdir()
-    save_file(build_vq(VQ_ARCH).state_dict(), vq_dir / "model.safetensors")
-    (vq_dir / "model.json").write_text(json.dumps(VQ_ARCH | {"image_size": 8, "grid": [4, 4]}))
+    vq_dir = random_vq(tmp_path)
     labels = np.arange(N) % CLASSES
     vq_tokens = write_cache(tmp_path / "vq_tokens", "vq", (3 * sem_tokens(labels) + 1) % K_VQ, labels, K_VQ,
                             vq_sha256=sha256_file(vq_dir / "model.safetensors"))

@@ -89,12 +89,17 @@ def run_upper_bound(config: dict, manifest_path: str | Path, tokens_dir: str | P
         reference_name = reference_cache_name(val_reference_record([dataset.entries[i] for i in chosen], size),
                                               sha256_file(weights))
         reference = ImagesOnly(TensorDataset(originals))
-        for name, recon in (("upper_bound", stage2_recon), ("vq_recon", vq_recon)):
+        # without stage 2 the upper bound is the VQ reconstruction itself: scored once
+        sets = (("upper_bound", stage2_recon),) * (stage2_dir is not None) + (("vq_recon", vq_recon),)
+        for name, recon in sets:
             scores = fidelity_metrics(ImagesOnly(TensorDataset(recon)), reference, weights, batch_size,
                                       device.type == "cuda", config["seed"], config["evaluate"]["cache_dir"],
                                       reference_name=reference_name)
             metrics |= {f"{name}_fid": scores["fid"], f"{name}_inception_score": scores["inception_score"],
                         f"{name}_psnr": peak_snr(recon, originals).mean().item()}
+        if stage2_dir is None:
+            metrics |= {f"upper_bound_{score}": metrics[f"vq_recon_{score}"]
+                        for score in ("fid", "inception_score", "psnr")}
         metrics |= {"upper_bound_fid_calibrated": calibrated}
         write_json(tmp / "metrics.json", metrics)
         rows = torch.from_numpy(chosen_images(len(chosen), GRID_ROWS))  # spread over the classes
