@@ -157,7 +157,7 @@ ABLATION = ("mae", "mocov3", "ibot_state_dict", "ibot_teacher")
 
 def vit16(config, family, **overrides):
     """The tiny config's encoder as a timm vit_base_patch16_224 of `family`, shrunk (patch 8: a 4x4 grid)."""
-    config["encoder"].update(arch="vit_base_patch16_224", family=family)
+    config["encoder"].update(arch="vit_base_patch16_224", family=family, pos_embed_resize="timm")
     config["encoder"]["overrides"] = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, **overrides)
     return config
 

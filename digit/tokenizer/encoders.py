@@ -7,10 +7,17 @@ the selected one are cut off, since nothing reads them.
 `encoder.family` says whose self-supervised weights the ViT carries: DINOv2 (the paper's
 tokenizer) or, for the encoder ablation (Fig. 4a), MAE, MoCo v3 or iBOT. A weights file is either
 timm's state dict of the model or the family's official checkpoint, converted key by key here.
+
+Tokenization as DiGIT's: `encoder.pos_embed_resize: official` resizes DINOv2's position embedding
+(37 x 37 for 518 px) to the configured grid with the formula of DiGIT's DINOv2 copy
+(interpolate_pos_encoding: scale factor (16 + 0.1) / 37, bicubic, no antialias), once at load
+instead of at every forward pass (the same tensor); and the encoder input is normalised, then
+resized by the official scale factor (224 / 256, bicubic, no antialias), as `prepare_semantic`.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -78,6 +85,9 @@ def check_family(enc: dict) -> Family:
         if tag != family.timm_tag:
             raise ValueError(f"encoder.weights is 'timm' with encoder.arch {enc['arch']}: timm's {enc['family']} "
                              f"weights are the tag .{family.timm_tag} (encoder.family)")
+    if enc["pos_embed_resize"] == "official" and enc["family"] != "dinov2":
+        raise ValueError(f"encoder.pos_embed_resize 'official' is DiGIT's DINOv2 resize; the {enc['family']} "
+                         "ViT's own is not reproduced here: set encoder.pos_embed_resize: timm")
     return family
 
 
@@ -130,15 +140,41 @@ def convert_official(state: dict, family_name: str, path: Path) -> dict:
     return out
 
 
-def load_weights(model: nn.Module, path: str | Path, family: str = "dinov2") -> None:
+# DiGIT's DINOv2 copy (fairseq_user/pretrained_enc/dino/vits.py): interpolate_offset=0.1, interpolate_antialias=False
+DINOV2_INTERPOLATE_OFFSET = 0.1
+
+
+def resize_pos_embed_official(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """DINOv2's interpolate_pos_encoding as DiGIT runs it: the square grid of patch positions (after any
+    class position, which is kept) resized bicubically by the scale factor (grid + 0.1) / old grid,
+    without antialias. [1, prefix + M*M, D] -> [1, prefix + h*w, D]."""
+    m = math.isqrt(pos_embed.shape[1])
+    prefix, dim = pos_embed.shape[1] - m * m, pos_embed.shape[2]
+    if (m, m) == tuple(grid):
+        return pos_embed
+    patches = pos_embed[:, prefix:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    scale = ((grid[0] + DINOV2_INTERPOLATE_OFFSET) / m, (grid[1] + DINOV2_INTERPOLATE_OFFSET) / m)
+    patches = F.interpolate(patches, mode="bicubic", antialias=False, scale_factor=scale)
+    assert tuple(patches.shape[-2:]) == tuple(grid), (patches.shape, grid)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :prefix], patches], dim=1)
+
+
+def load_weights(model: nn.Module, path: str | Path, family: str = "dinov2", pos_embed_resize: str = "official") -> None:
     """Load a weights file into `model`: timm's layout or the official checkpoint of `family` (Meta's
     DINOv2 `dinov2_vitb14_reg4_pretrain.pth`, MAE's `model`, MoCo v3's `state_dict`, iBOT's `state_dict` or
     `teacher`); every key must match both ways, in shape too."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights file {path} (config key encoder.weights_file) does not exist")
-    state_dict = convert_official(read_state(path), family, path)
-    problem = f"encoder weights file {path} (encoder.weights_file) does not fit {type(model).__name__}"
+    load_state(model, convert_official(read_state(path), family, path), pos_embed_resize,
+               f"encoder weights file {path} (encoder.weights_file)")
+
+
+def load_state(model: nn.Module, state_dict: dict, pos_embed_resize: str, source: str) -> None:
+    """A state dict in timm's or Meta's DINOv2 layout into `model`, strictly; the position embedding is
+    resized to the model's grid (encoder.pos_embed_resize), everything else must fit as it is."""
+    problem = f"{source} does not fit {type(model).__name__}"
     # Shapes first: timm's filter would resample a patch embedding of another size without a word. The
     # position embedding is resampled on purpose, to the configured img_size (518 -> 224, 224 -> 256).
     own = model.state_dict()
@@ -146,7 +182,11 @@ def load_weights(model: nn.Module, path: str | Path, family: str = "dinov2") -> 
                  if k in own and k != "pos_embed" and tuple(v.shape) != tuple(own[k].shape)]
     if misshapen:
         raise ValueError(f"{problem}: misshapen keys {misshapen}")
-    # timm's own filter converts Meta's DINOv2 layout and resamples the position embedding.
+    if pos_embed_resize == "official" and "pos_embed" in state_dict:
+        state_dict = state_dict | {"pos_embed": resize_pos_embed_official(state_dict["pos_embed"],
+                                                                          model.patch_embed.grid_size)}
+    # timm's own filter converts Meta's DINOv2 layout (and, with pos_embed_resize: timm, resamples the
+    # position embedding; an embedding already of the model's grid is left as it is)
     state_dict = checkpoint_filter_fn(state_dict, model)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
@@ -166,19 +206,25 @@ def create_model(config: dict) -> nn.Module:
                   **enc["overrides"])
     if enc["weights"] == "timm":
         try:
-            return timm.create_model(enc["arch"], pretrained=True, **kwargs)
+            if enc["pos_embed_resize"] == "timm":
+                return timm.create_model(enc["arch"], pretrained=True, **kwargs)
+            # the weights at their own grid, then resized as the official code does
+            native = timm.create_model(enc["arch"], pretrained=True, num_classes=0).state_dict()
         except OSError as e:
             raise FileNotFoundError(
                 f"encoder.weights is 'timm' but timm could not fetch the weights of {enc['arch']} ({e}). "
                 f"Download them where there is network, e.g. `huggingface-cli download timm/{enc['arch']} "
                 "model.safetensors`, then set encoder.weights: file and encoder.weights_file: <that file>"
             ) from e
+        model = timm.create_model(enc["arch"], pretrained=False, **kwargs)
+        load_state(model, native, "official", f"timm's {enc['arch']} weights")
+        return model
     # Random init is seeded so that the features and tokenize stages build the same encoder.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"])
         model = timm.create_model(enc["arch"], pretrained=False, **kwargs)
     if enc["weights"] == "file":
-        load_weights(model, enc["weights_file"], enc["family"])
+        load_weights(model, enc["weights_file"], enc["family"], enc["pos_embed_resize"])
     return model
 
 
@@ -220,16 +266,22 @@ class FeatureEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.mean.device).float().div(255)
+        x = (images.to(self.mean.device).float().div(255) - self.mean) / self.std
         if tuple(x.shape[-2:]) != self.input_size:
-            # as the official prepare_semantic (256 -> 224): bicubic, no antialias. It normalises first;
-            # normalising is per-channel affine and bicubic weights sum to one, so the order is immaterial.
-            x = F.interpolate(x, size=self.input_size, mode="bicubic", antialias=False, align_corners=False)
-        x = (x - self.mean) / self.std
+            x = resize_official(x, self.input_size)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             (features,) = self.model.forward_intermediates(
                 x, indices=[self.index], norm=self.final_norm, output_fmt="NLC", intermediates_only=True)
         return features.float()
+
+
+def resize_official(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The official prepare_semantic's resize of the normalised images (256 -> 224): bicubic by the scale
+    factor out / in, no antialias; by the size where that factor does not land on it."""
+    scale = (size[0] / x.shape[-2], size[1] / x.shape[-1])
+    if all(math.floor(n * f) == s for n, f, s in zip(x.shape[-2:], scale, size)):
+        return F.interpolate(x, scale_factor=scale, mode="bicubic", antialias=False)
+    return F.interpolate(x, size=size, mode="bicubic", antialias=False)
 
 
 def encode_batches(encoder: FeatureEncoder, dataset: torch.utils.data.Dataset, batch_size: int):

@@ -114,7 +114,8 @@ def encoder_rows(family: str, arch: str, weights_file: str, source: str) -> tupl
     return (("encoder.arch", arch, "timm's ViT-B/16 (patch 16)"),
             ("encoder.family", family, f"Fig. 4a: {source}"),
             ("encoder.weights_file", weights_file, "the official checkpoint (README: pretrained weights)"),
-            ("encoder.overrides.img_size", 256, "256 px -> 16x16 patch grid (patch 16)"))
+            ("encoder.overrides.img_size", 256, "256 px -> 16x16 patch grid (patch 16)"),
+            ("encoder.pos_embed_resize", "timm", "DiGIT's own resize of this ViT's positions is not reproduced"))
 
 
 ROWS.update({
