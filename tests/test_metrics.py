@@ -95,9 +95,9 @@ def test_samples_must_match_their_labels(in_tmp):
         SampleDataset(in_tmp / "samples", 32)
 
 
-def test_reference_statistics_are_cached_once_and_keyed_by_the_reference(tiny_config, manifest, in_tmp,
-                                                                          inception_weights):
-    """Two experiments on the same val images share the reference's features; other images never do."""
+def test_reference_features_are_cached_once_and_keyed_by_the_reference(tiny_config, manifest, in_tmp,
+                                                                        inception_weights, capsys):
+    """Two experiments on the same val images share the reference's features (one .npz); other images never do."""
     tiny_config["evaluate"]["inception_weights"] = str(inception_weights)
     run_train_classifier(tiny_config, manifest, in_tmp / "classifier")
     val = ImageDataset(load_manifest(manifest), "val", 32)
@@ -106,28 +106,32 @@ def test_reference_statistics_are_cached_once_and_keyed_by_the_reference(tiny_co
 
     run_evaluate(tiny_config, in_tmp / "samples", manifest, in_tmp / "classifier", in_tmp / "first")
     first = read_json(in_tmp / "first" / "metrics.json")
-    assert first["reference_statistics"] == "computed"
-    cached = sorted(cache.glob("*.pt"))
-    assert cached and all(first["reference_sha256"][:24] in p.name for p in cached)
+    assert "evaluate: reference features computed" in capsys.readouterr().out
+    assert "reference_statistics" not in first  # the same numbers either way: metrics.json never says
+    cached = sorted(cache.iterdir())
+    assert [p.suffix for p in cached] == [".npz"]
+    with np.load(cached[0], allow_pickle=False) as npz:
+        assert npz.files == ["features"] and npz["features"].shape == (12, 2048)
+        features = npz["features"]
 
     # The second experiment reads the cache: doctored cached features change its FID.
-    for path in cached:
-        item = torch.load(path, weights_only=False)
-        scaled = {k: v * 0.5 for k, v in item.items()} if isinstance(item, dict) else item * 0.5
-        torch.save(scaled, path)
+    np.savez(cached[0], features=features * 0.5)
     run_evaluate(tiny_config, in_tmp / "samples", manifest, in_tmp / "classifier", in_tmp / "second")
-    assert sorted(cache.glob("*.pt")) == cached
+    assert sorted(cache.iterdir()) == cached
     second = read_json(in_tmp / "second" / "metrics.json")
-    assert second["fid"] != pytest.approx(first["fid"]) and second["reference_statistics"] == "cached"
+    assert second["fid"] != pytest.approx(first["fid"])
+    assert "evaluate: reference features cached" in capsys.readouterr().out
 
-    # A reference with one image changed gets its own entry and its own statistics.
+    # A reference with one image stored in other bytes (the same pixels) gets its own entry and its own features.
     changed = read_json(manifest)
-    changed["splits"]["val"][0]["sha256"] = "0" * 64
+    entry = changed["splits"]["val"][0]
+    Image.open(load_manifest(manifest)["splits"]["val"][0]["path"]).save(in_tmp / "again.png", compress_level=0)
+    entry.update(path=str(in_tmp / "again.png"), sha256=sha256_file(in_tmp / "again.png"))
     (in_tmp / "changed.json").write_text(json.dumps(changed))
     run_evaluate(tiny_config, in_tmp / "samples", in_tmp / "changed.json", in_tmp / "classifier", in_tmp / "third")
     third = read_json(in_tmp / "third" / "metrics.json")
     assert third["reference_sha256"] != first["reference_sha256"] and third["fid"] == pytest.approx(first["fid"])
-    assert len(list(cache.glob("*.pt"))) == 2 * len(cached)
+    assert "evaluate: reference features computed" in capsys.readouterr().out and len(list(cache.iterdir())) == 2
 
 
 def test_an_adm_reference_batch(tiny_config, manifest, in_tmp, inception_weights):
@@ -209,7 +213,7 @@ def test_fid_against_an_adm_batch_uses_its_mu_sigma(tiny_config, manifest, in_tm
     expected = frechet_distance(features, mu, sigma)
     assert adm["fid"] == pytest.approx(expected, rel=1e-5)
     assert adm["fid_reference_statistics"] == "npz mu/sigma" and adm["reference_images"] == len(images)
-    assert adm["reference_statistics"] == "computed" and adm["kid"] is not None
+    assert adm["kid"] is not None
 
     images_only = evaluate_against(tiny_config, manifest, in_tmp, "images", arr_0=images)
     assert images_only["fid_reference_statistics"] == "computed from reference images"
@@ -231,7 +235,7 @@ def test_an_adm_batch_of_statistics_alone_gives_fid_only(tiny_config, manifest, 
     metrics = evaluate_against(tiny_config, manifest, in_tmp, "stats", mu=mu.astype(np.float32), sigma=sigma)
     assert metrics["fid"] == pytest.approx(frechet_distance(features, mu.astype(np.float32), sigma), rel=1e-5)
     assert metrics["fid_reference_statistics"] == "npz mu/sigma"
-    assert metrics["reference_images"] == 0 and metrics["reference_statistics"] == "unused"
+    assert metrics["reference_images"] == 0
     assert all(metrics[key] is None for key in ("kid", "kid_std", "precision", "recall"))
     assert "no arr_0 images" in metrics["kid_precision_recall_skipped"] and str(in_tmp / "stats.npz") in \
         metrics["kid_precision_recall_skipped"]

@@ -1,10 +1,20 @@
-"""Sample quality: FID, IS, KID, precision and recall with torch-fidelity, and the evaluate stage
-(those and CAS, digit/evaluate/cas.py) of the samples against the reference images.
+"""Sample quality: FID, IS, KID, precision and recall from torch-fidelity's InceptionV3 features,
+and the evaluate stage (those and CAS, digit/evaluate/cas.py) of the samples against the reference images.
+
+torch-fidelity computes the features (its feature extractor) and the metrics from them (its metric
+functions); digit feeds it the images and keeps the reference's features itself, in .npz files that
+are read without unpickling. torch-fidelity's own input handling and cache, which unpickle files
+(torch.load without weights_only), are never used, and the Inception weights reach it as the
+tensors read and hashed here, not as a file it would read again.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
 import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,23 +22,16 @@ import torch
 import torch.nn as nn
 import torch_fidelity
 import torchvision
-from torch_fidelity.metric_fid import (
-    fid_featuresdict_to_statistics,
-    fid_statistics_to_metric,
-)
-from torch_fidelity.metric_isc import isc_featuresdict_to_metric
-from torch_fidelity.metric_kid import kid_featuresdict_to_metric
-from torch_fidelity.metric_prc import prc_featuresdict_to_metric
-from torch_fidelity.utils import (
-    create_feature_extractor,
-    extract_featuresdict_from_input_id_cached,
-    resolve_feature_layer_for_metric,
-)
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from digit.evaluate.cas import accuracy, load_classifier
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_image, load_manifest, preprocess
-from digit.runtime.io import atomic_dir, sha256_file, sha256_json, write_json
+from digit.runtime.io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json
 from digit.stages import provenance
 
 
@@ -65,6 +68,21 @@ class ImagesOnly(torch.utils.data.Dataset):
         return self.dataset[index][0]
 
 
+class PngImages(torch.utils.data.Dataset):
+    """The PNGs of a folder in name order, as they are (no resizing), as uint8 [3, H, W] tensors."""
+
+    def __init__(self, folder: str | Path):
+        self.paths = sorted(Path(folder).glob("*.png"))
+        if not self.paths:
+            raise FileNotFoundError(f"no PNG samples in {folder}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torchvision.transforms.functional.pil_to_tensor(load_image(self.paths[index]))
+
+
 def generate_inception_weights(path: str | Path, seed: int) -> None:
     """Deterministic random weights for torch-fidelity's InceptionV3, in the state-dict form it loads.
 
@@ -81,97 +99,152 @@ def generate_inception_weights(path: str | Path, seed: int) -> None:
     torch.save(net.state_dict(), path)
 
 
-def check_inception_weights(config: dict) -> None:
-    """A configured InceptionV3 weights file must exist and hold nothing but tensors: torch-fidelity
-    unpickles it without weights_only, so it is opened here first, safely, before any work."""
-    weights = config["evaluate"]["inception_weights"]
-    if weights is None:
-        return
-    if not Path(weights).is_file():
-        raise FileNotFoundError(f"config key 'evaluate.inception_weights': no such file {weights}")
+@dataclass(frozen=True)
+class InceptionWeights:
+    """InceptionV3 weights as read once: the tensors the feature extractor gets, and the hash and
+    name of the file they were read from."""
+
+    state_dict: dict
+    sha256: str
+    path: Path
+
+
+def read_inception_weights(path: str | Path) -> InceptionWeights:
+    """The tensors of an InceptionV3 weights file (evaluate.inception_weights), read with
+    weights_only=True from the very bytes that are hashed; a file that needs unpickling is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config key 'evaluate.inception_weights': no such file {path}")
+    data = path.read_bytes()
     try:
-        torch.load(weights, map_location="cpu", weights_only=True)
+        state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{weights} (evaluate.inception_weights) holds objects other than tensors, and it is not "
+        raise ValueError(f"{path} (evaluate.inception_weights) holds objects other than tensors, and it is not "
                          "unpickled here for safety; use torch-fidelity's released weights file") from None
+    return InceptionWeights(state_dict, hashlib.sha256(data).hexdigest(), path)
 
 
-def inception_weights(config: dict, scratch: Path) -> tuple[Path, bool]:
-    """The InceptionV3 weights file of evaluate.inception_weights, or deterministic generated ones
-    written to `scratch` (kept by their hash only, not the 96 MB file); and whether FID is calibrated."""
-    check_inception_weights(config)
+def check_inception_weights(config: dict) -> None:
+    """A configured InceptionV3 weights file must exist and hold nothing but tensors: checked before any work."""
     if config["evaluate"]["inception_weights"] is not None:
-        return Path(config["evaluate"]["inception_weights"]), True
+        read_inception_weights(config["evaluate"]["inception_weights"])
+
+
+def inception_weights(config: dict, scratch: Path) -> tuple[InceptionWeights, bool]:
+    """The InceptionV3 weights of evaluate.inception_weights, or deterministic generated ones
+    (written to `scratch` to be hashed as a file; kept by their hash only, not the 96 MB file); and
+    whether FID is calibrated."""
+    if config["evaluate"]["inception_weights"] is not None:
+        return read_inception_weights(config["evaluate"]["inception_weights"]), True
     generated = scratch / "inception-generated.pth"
     generate_inception_weights(generated, config["seed"])
-    return generated, False
+    return read_inception_weights(generated), False
 
 
 FEATURE_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's port of the TF Inception of FID; also for P/R, as ADM
 FID_FEATURES = 2048  # FID's features: Inception pool3, the "2048" layer of FEATURE_EXTRACTOR, as in ADM's mu/sigma
+POOL, LOGITS = "2048", "logits_unbiased"  # the layers: pool3 for FID, KID and P/R (as ADM), the logits for IS
 FID_FROM_NPZ = "npz mu/sigma"  # metrics.json fid_reference_statistics: FID against the reference batch's own statistics
 FID_FROM_IMAGES = "computed from reference images"
 
 
+def inception_extractor(weights: InceptionWeights, cuda: bool) -> torch.nn.Module:
+    """torch-fidelity's InceptionV3 with exactly the tensors of `weights`: they reach it serialized in
+    memory (torch.load, which it calls, takes a file object), so no file is read a second time."""
+    buffer = io.BytesIO()
+    torch.save(weights.state_dict, buffer)
+    buffer.seek(0)
+    return create_feature_extractor(FEATURE_EXTRACTOR, [LOGITS, POOL], cuda=cuda,
+                                    feature_extractor_weights_path=buffer, verbose=False)
+
+
+def read_cached_features(path: Path, count: int) -> torch.Tensor | None:
+    """The reference's pool3 features cached at `path` (float32 [count, 2048]), or None when there are
+    none, or the file is not such an array (it is then recomputed and replaced): nothing is unpickled."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            features = npz["features"]
+    except (OSError, ValueError, KeyError, AttributeError, EOFError, zipfile.BadZipFile) as e:
+        print(f"evaluate: {path} is not a cache entry of reference features ({e}); recomputing it")
+        return None
+    if features.dtype != np.float32 or features.shape != (count, FID_FEATURES) or not np.isfinite(features).all():
+        print(f"evaluate: {path} holds {features.dtype} {list(features.shape)}, not the finite float32 "
+              f"[{count}, {FID_FEATURES}] features of the reference; recomputing it")
+        return None
+    return torch.from_numpy(features)
+
+
+def reference_features(reference: torch.utils.data.Dataset, extract, cache_root: str | Path,
+                       reference_name: str | None) -> tuple[torch.Tensor, str]:
+    """The reference's pool3 features and whether they were 'cached' or 'computed'. With
+    `reference_name` (see `reference_cache_name`) they are kept in cache_root/<name>.npz for the
+    next evaluation against the same reference."""
+    if reference_name is None:
+        return extract(reference)[POOL], "computed"
+    path = Path(cache_root) / f"{reference_name}.npz"
+    cached = read_cached_features(path, len(reference))
+    if cached is not None:
+        return cached, "cached"
+    features = extract(reference)[POOL]
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.savez(f, features=features.numpy())
+    return features, "computed"
+
+
 def fidelity_metrics(samples: str | Path | torch.utils.data.Dataset, reference: torch.utils.data.Dataset | None,
-                     weights: str | Path, batch_size: int, cuda: bool, seed: int, cache_root: str | Path,
-                     reference_name: str | None = None, fid_statistics: dict | None = None) -> dict:
+                     weights: str | Path | InceptionWeights, batch_size: int, cuda: bool, seed: int,
+                     cache_root: str | Path, reference_name: str | None = None,
+                     fid_statistics: dict | None = None) -> dict:
     """FID, IS, KID, precision and recall of samples (a folder of PNGs or a dataset of uint8 images)
-    against a reference dataset of uint8 images; no downloads. With `reference_name`, torch-fidelity
-    caches the reference's features under that name in `cache_root` and the next call naming it
-    reuses them: the name must identify the images and the weights (see `reference_cache_name`).
+    against a reference dataset of uint8 images, with torch-fidelity's feature extractor and metric
+    functions; no downloads. With `reference_name`, the reference's features are cached under that
+    name in `cache_root` and the next call naming it reuses them: the name must identify the images
+    and the weights (see `reference_cache_name`). `reference_statistics` says which it was.
 
     With `fid_statistics` ({"mu": [2048], "sigma": [2048, 2048]}, an ADM reference batch's, see
     `npz_fid_statistics`), FID is the Frechet distance between the samples' statistics and those,
     not the reference images'; KID and precision/recall still use the reference images, and are
     None when there are none (`reference` None)."""
     if not isinstance(samples, torch.utils.data.Dataset):
-        samples = str(samples)
-    n_samples = len(list(Path(samples).glob("*.png"))) if isinstance(samples, str) else len(samples)
+        samples = PngImages(samples)
     if reference is None and fid_statistics is None:
         raise ValueError("fidelity_metrics needs reference images, FID statistics or both")
+    if not isinstance(weights, InceptionWeights):
+        weights = read_inception_weights(weights)
+    n_samples = len(samples)
     n_reference = len(reference) if reference is not None else n_samples
-    kwargs = dict(
-        input1=samples, input2=reference,
-        cuda=cuda, batch_size=batch_size,
-        fid=True, isc=True, kid=True, prc=True, isc_splits=min(10, n_samples),
-        kid_subset_size=min(1000, n_samples, n_reference),
-        prc_neighborhood=min(3, n_samples - 1, n_reference - 1),
-        feature_extractor=FEATURE_EXTRACTOR, feature_layer_prc="2048",
-        feature_extractor_weights_path=str(weights), rng_seed=seed,
-        cache=reference_name is not None, input2_cache_name=reference_name,
-        cache_root=str(cache_root), datasets_download=False, verbose=False,
-        save_cpu_ram=not cuda)  # image-decoding workers only pay off when a GPU runs the Inception
+    options = dict(rng_seed=seed, kid_subset_size=min(1000, n_samples, n_reference),
+                   prc_neighborhood=min(3, n_samples - 1, n_reference - 1),
+                   save_cpu_ram=not cuda, verbose=False)  # image-decoding workers only pay off with a GPU
+    extractor = inception_extractor(weights, cuda)
+
+    def extract(images: torch.utils.data.Dataset) -> dict:
+        return get_featuresdict_from_dataset(images, extractor, batch_size, cuda, not cuda, False)
+
+    features = extract(samples)
+    raw = isc_features_to_metric(features[LOGITS], min(10, n_samples), True, seed)
+    raw |= {"kernel_inception_distance_mean": None, "kernel_inception_distance_std": None,
+            "precision": None, "recall": None, "reference_statistics": "unused"}
+    if reference is not None:
+        reference_pool, raw["reference_statistics"] = reference_features(reference, extract, cache_root,
+                                                                         reference_name)
+        raw |= kid_features_to_metric(features[POOL], reference_pool, **options)
+        raw |= prc_features_to_metric(features[POOL], reference_pool, **options)
+    samples_statistics = fid_features_to_statistics(features[POOL])
     if fid_statistics is None:
-        raw = torch_fidelity.calculate_metrics(**kwargs)
+        raw |= fid_statistics_to_metric(samples_statistics, fid_features_to_statistics(reference_pool), False)
     else:
-        raw = fidelity_metrics_given_fid_statistics(kwargs, fid_statistics)
+        # in float64, as the ADM evaluator computes it (torch-fidelity's own mu is float32; it wants equal dtypes)
+        stats_1, stats_2 = ({k: np.asarray(stats[k], np.float64) for k in ("mu", "sigma")}
+                            for stats in (samples_statistics, fid_statistics))
+        raw |= fid_statistics_to_metric(stats_1, stats_2, False)
     return {"fid": raw["frechet_inception_distance"],
             "inception_score": raw["inception_score_mean"], "inception_score_std": raw["inception_score_std"],
-            "kid": raw.get("kernel_inception_distance_mean"), "kid_std": raw.get("kernel_inception_distance_std"),
-            "precision": raw.get("precision"), "recall": raw.get("recall")}
-
-
-def fidelity_metrics_given_fid_statistics(kwargs: dict, fid_statistics: dict) -> dict:
-    """torch-fidelity's metrics as calculate_metrics(**kwargs) gives them (the same feature extractor,
-    layers, cache and metric functions: torch_fidelity.metrics.calculate_metrics_one_feature_extractor),
-    except that FID compares the samples' statistics with `fid_statistics`, which torch-fidelity
-    cannot be handed; KID and precision/recall only where kwargs hold reference images (input2).
-    The samples go through the Inception once, for all of them."""
-    layers = {metric: resolve_feature_layer_for_metric(metric, **kwargs) for metric in ("isc", "fid", "kid", "prc")}
-    extractor = create_feature_extractor(FEATURE_EXTRACTOR, sorted(set(layers.values())), **kwargs)
-    samples = extract_featuresdict_from_input_id_cached(1, extractor, **kwargs)  # input1 has no cache name
-    raw = isc_featuresdict_to_metric(samples, layers["isc"], **kwargs)
-    # in float64, as the ADM evaluator computes it (torch-fidelity's own mu is float32; it wants equal dtypes)
-    samples_statistics = fid_featuresdict_to_statistics(samples, layers["fid"])
-    stats_1, stats_2 = ({k: np.asarray(stats[k], np.float64) for k in ("mu", "sigma")}
-                        for stats in (samples_statistics, fid_statistics))
-    raw |= fid_statistics_to_metric(stats_1, stats_2, False)
-    if kwargs["input2"] is not None:
-        reference = extract_featuresdict_from_input_id_cached(2, extractor, **kwargs)
-        raw |= kid_featuresdict_to_metric(samples, reference, layers["kid"], **kwargs)
-        raw |= prc_featuresdict_to_metric(samples, reference, layers["prc"], **kwargs)
-    return raw
+            "kid": raw["kernel_inception_distance_mean"], "kid_std": raw["kernel_inception_distance_std"],
+            "precision": raw["precision"], "recall": raw["recall"],
+            "reference_statistics": raw["reference_statistics"]}
 
 
 def open_reference_npz(path: Path) -> np.lib.npyio.NpzFile:
@@ -266,8 +339,12 @@ def reference_fid_statistics(config: dict) -> dict | None:
 
 
 def reference_cache_name(record: dict, weights_sha256: str) -> str:
-    """torch-fidelity cache entry of a reference: a new reference or new weights never meet old statistics."""
-    return f"digit-{record['reference_sha256'][:24]}-{weights_sha256[:16]}"
+    """The cache entry of a reference's features, named by the hash of all they depend on: a new
+    reference, new weights or another feature extractor never meet old features."""
+    key = sha256_json({"reference_sha256": record["reference_sha256"], "inception_weights_sha256": weights_sha256,
+                       "feature_extractor": FEATURE_EXTRACTOR, "layer": POOL,
+                       "torch_fidelity": torch_fidelity.__version__})
+    return f"digit-reference-{key[:32]}"
 
 
 def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Path,
@@ -289,15 +366,10 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
     cas = accuracy(classifier, samples, batch_size, device)
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
         weights, calibrated = inception_weights(config, Path(scratch))
-        weights_sha256 = sha256_file(weights)
-        cache_name = reference_cache_name(record, weights_sha256)
-        cache_dir = Path(config["evaluate"]["cache_dir"])
-        before = set(cache_dir.glob(f"{cache_name}-*"))
-        metrics = fidelity_metrics(Path(samples_dir) / "images", reference, weights, batch_size,
-                                   device.type == "cuda", config["seed"], cache_dir, reference_name=cache_name,
+        metrics = fidelity_metrics(PngImages(Path(samples_dir) / "images"), reference, weights, batch_size,
+                                   device.type == "cuda", config["seed"], config["evaluate"]["cache_dir"],
+                                   reference_name=reference_cache_name(record, weights.sha256),
                                    fid_statistics=fid_statistics)
-        # torch-fidelity recomputes all of a group of statistics when one is missing (a killed run's)
-        cached = bool(before) and set(cache_dir.glob(f"{cache_name}-*")) == before
         if reference is None:
             metrics["kid_precision_recall_skipped"] = (
                 f"{record['reference']} (evaluate.reference) holds mu/sigma but no arr_0 images; "
@@ -307,13 +379,14 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
             "chance": 1 / len(manifest["classes"]),
             "classifier_val_accuracy": classifier_meta["val_accuracy"],
             "num_samples": len(samples), **record,
-            "reference_statistics": "unused" if reference is None else "cached" if cached else "computed",
             "fid_reference_statistics": FID_FROM_IMAGES if fid_statistics is None else FID_FROM_NPZ,
             "feature_extractor": f"torch-fidelity {FEATURE_EXTRACTOR}",
             "fid_calibrated": calibrated,
-            "inception_weights": str(weights) if calibrated else "generated",
-            "inception_weights_sha256": weights_sha256,
+            "inception_weights": str(weights.path) if calibrated else "generated",
+            "inception_weights_sha256": weights.sha256,
         }
+        # cached or computed: the same numbers either way, so the log says it and metrics.json does not
+        reference_source = metrics.pop("reference_statistics")
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "provenance.json", provenance(
             config, "evaluate",
@@ -321,5 +394,6 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
              "classifier": Path(classifier_dir) / "model.safetensors"}))
     pr = ("no precision/recall (no reference images)" if metrics["precision"] is None
           else f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}")
+    print(f"evaluate: reference features {reference_source}")
     print(f"evaluate: FID {metrics['fid']:.3f} ({metrics['fid_reference_statistics']}), "
           f"IS {metrics['inception_score']:.3f}, {pr}, CAS {metrics['cas']:.3f} (chance {metrics['chance']:.3f})")
