@@ -7,9 +7,9 @@ import glob
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,7 +63,7 @@ def _remove_abandoned(path: Path) -> None:
         pid = sibling.name[len(host_prefix):].split(".")[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
-        if sibling.is_dir():
+        if sibling.is_dir() and not sibling.is_symlink():
             shutil.rmtree(sibling, ignore_errors=True)
         else:
             sibling.unlink(missing_ok=True)
@@ -79,41 +79,117 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f"{_temporary_prefix(path)}{secrets.token_hex(4)}.tmp")
+
+
+def _new_sibling(path: Path, make) -> Path:
+    """A new temporary sibling of `path`, made by `make` as a plain open or mkdir makes one: its mode
+    is what the umask (or the directory's default ACL) gives, not mkstemp's private 0600 / 0700."""
+    while True:
+        tmp = _temporary_name(path)
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _fsync(path: str | Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make the names just created or renamed in `directory` survive a power loss."""
+    try:
+        _fsync(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # file systems that cannot sync a directory
+            raise
+
+
+def fsync_file(path: str | Path) -> None:
+    """Put the bytes written to `path` on the disk: a renamed file is not left empty by a power loss."""
+    _fsync(path)
+
+
+def _fsync_tree(top: Path) -> None:
+    """Every regular file under `top`, then every directory, deepest first: one fsync each."""
+    for root, _, names in os.walk(top, topdown=False):
+        for name in names:
+            file = os.path.join(root, name)
+            if os.path.isfile(file) and not os.path.islink(file):
+                fsync_file(file)
+        fsync_dir(root)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds, its bytes on
+    the disk first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(path)
     with _disk_full_names(path):
-        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+        tmp = _new_sibling(path, _new_file)
     try:
         with _disk_full_names(path):  # inside the cleanup: the partial file still fills the disk
             yield tmp
+            fsync_file(tmp)  # a network file system may report a full disk only now
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; it replaces `path` only if the block succeeds."""
+    """Yield a temporary sibling directory; it replaces `path` only if the block succeeds, its files on
+    the disk first. An old `path` is renamed aside, the new one renamed in right after, and only then
+    is the old one removed: a failure in between puts it back, a kill leaves it complete under its
+    temporary name (removed by the next write)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(path)
     with _disk_full_names(path):
-        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
+        tmp = _new_sibling(path, Path.mkdir)
+    aside = None
     try:
         with _disk_full_names(path):
             yield tmp
+            _fsync_tree(tmp)
         if path.exists():
-            shutil.rmtree(path)
+            name = _temporary_name(path)
+            os.rename(path, name)
+            aside = name
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if aside is not None and not path.exists():
+            os.rename(aside, path)  # the new one did not get in: the old one back
+        for leftover in (tmp, aside):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover)
+
+
+def atomic_symlink(target: str, path: str | Path) -> None:
+    """Point the symbolic link `path` at `target` (a name relative to its directory) in one rename."""
+    path = Path(path)
+    _remove_abandoned(path)
+    tmp = _new_sibling(path, lambda link: os.symlink(target, link))
+    try:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def open_memmap_for_writing(path: str | Path, dtype, shape: tuple) -> np.memmap:

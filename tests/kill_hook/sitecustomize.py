@@ -5,7 +5,10 @@ test can kill it there whatever the machine's load. Points of an atomic_dir whos
 in <name> (a pattern for Path.match: "out", "features/1"):
   enter: its temporary directory has just appeared, empty;
   rename: everything is written into the temporary directory, not yet renamed onto the output;
-  exit: the output is in place (a training checkpoint, say).
+  exit: the output is in place ("checkpoint": a training checkpoint has been saved).
+Any rename (os.replace, os.rename, pathlib's) onto a path that ends in <name>:
+  replace: the rename is about to happen ("checkpoint*": a training checkpoint or its pointer is
+    about to be put in place; had the old checkpoint been removed first, none would be complete).
 Points inside a stage's work (<name> is not used):
   batch: the encoder has just given a batch's features (feature and tokenize shards);
   png: a sample image has just been written (sample shards);
@@ -38,6 +41,13 @@ if "KILL_PAUSE" in os.environ:
             return result
         return wrapper
 
+    def before_rename(rename):
+        @functools.wraps(rename)
+        def wrapper(src, dst, *args, **kwargs):
+            reached("replace", os.fspath(dst))
+            return rename(src, dst, *args, **kwargs)
+        return wrapper
+
     if point in ("enter", "rename", "exit"):
         import digit.runtime.io
 
@@ -52,6 +62,18 @@ if "KILL_PAUSE" in os.environ:
             reached("exit", path)
 
         digit.runtime.io.atomic_dir = paused_atomic_dir
+        import digit.runtime.checkpoint  # after the patch: it imports atomic_dir by name
+
+        save = digit.runtime.checkpoint.PartialRun.save
+
+        @functools.wraps(save)
+        def paused_save(self, *args, **kwargs):
+            save(self, *args, **kwargs)
+            reached("exit", self.checkpoint)
+
+        digit.runtime.checkpoint.PartialRun.save = paused_save
+    elif point == "replace":  # every rename, whoever calls it (io.py, pathlib)
+        os.replace, os.rename = before_rename(os.replace), before_rename(os.rename)
     elif point == "batch":  # before the stages import it by name
         import digit.tokenizer.encoders
 
