@@ -34,7 +34,7 @@ def truncated_jpeg(path):
 BAD = {
     "truncated.jpg": (truncated_jpeg, "truncated or corrupt"),
     "zero.jpg": (lambda p: p.write_bytes(b""), "empty file"),
-    "text.jpg": (lambda p: p.write_text("these are notes, not a photo\n"), "not an image"),
+    "text.jpg": (lambda p: p.write_text("these are notes, not a photo\n"), "not a JPEG"),
     "bomb.png": (lambda p: p.write_bytes(png_header(12_000, 12_000)), "too large"),  # over our limit, under PIL's
     "huge.png": (lambda p: p.write_bytes(png_header(60_000, 60_000)), "too large"),  # over PIL's own limit too
 }
@@ -139,7 +139,7 @@ def test_odd_but_valid_folder_prepares_and_loads(tiny_config, tmp_path):
     report = read_json(tmp_path / "prep" / "report.json")
     assert report["skipped"] == 0 and report["skipped_by_reason"] == {}
     assert report["empty_class_folders"] == ["train/empty class", "val/empty class"]
-    assert sorted(os.path.basename(p) for p in report["ignored_files"]) == ["README.txt", "index.csv"]
+    assert sorted(report["ignored_files"]) == ["train/index.csv", "train/été/README.txt"]
     assert report["smaller_than_image_size"] == 0  # 40 px images, tiny image_size 32
 
 
@@ -158,15 +158,15 @@ def test_skip_policy_counts_every_bad_image_by_reason(tiny_config, tmp_path):
     tiny_config["data"]["on_bad_image"] = "skip"
     run_prepare(tiny_config, tmp_path / "data", tmp_path / "prep")
     report = read_json(tmp_path / "prep" / "report.json")
-    assert report["skipped_by_reason"] == {"class not in train": 1, "empty file": 2, "not an image": 1,
+    assert report["skipped_by_reason"] == {"class not in train": 1, "empty file": 2, "not a JPEG": 1,
                                            "too large": 2, "truncated or corrupt": 1}
     assert report["skipped"] == 7 == len(report["skipped_files"])
-    skipped = {(os.path.relpath(s["path"], tmp_path / "data"), s["reason"]) for s in report["skipped_files"]}
+    skipped = {(s["path"], s["reason"]) for s in report["skipped_files"]}
     assert ("val/bird/0.png", "class not in train") in skipped
     assert ("train/chat noir/truncated.jpg", "truncated or corrupt") in skipped
     assert report["images"] == {"train": 7, "val": 3} and report["smaller_than_image_size"] == 1
     paths = [e["path"] for split in ("train", "val")
-             for e in load_manifest(tmp_path / "prep" / "manifest.json")["splits"][split]]
+             for e in read_json(tmp_path / "prep" / "manifest.json")["splits"][split]]
     assert not any(path in paths for path, _ in skipped)
 
 

@@ -87,7 +87,7 @@ def run_upper_bound(config: dict, manifest_path: str | Path, tokens_dir: str | P
         weights, calibrated = inception_weights(config, Path(scratch))
         # the originals' Inception statistics: computed once, for both sets and for later runs
         reference_name = reference_cache_name(val_reference_record([dataset.entries[i] for i in chosen], size),
-                                              sha256_file(weights))
+                                              weights.sha256)
         reference = ImagesOnly(TensorDataset(originals))
         # without stage 2 the upper bound is the VQ reconstruction itself: scored once
         sets = (("upper_bound", stage2_recon),) * (stage2_dir is not None) + (("vq_recon", vq_recon),)

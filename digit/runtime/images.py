@@ -1,12 +1,16 @@
 """Image folders as every stage reads them: decoding (checked), the manifest, preprocessing, datasets.
 
-An image folder has `train/<class>/*` and `val/<class>/*`; prepare (digit/data/prepare.py) indexes
-it into a manifest that every later stage reads instead of the folder.
+An image folder has `train/<class>/*` and `val/<class>/*` (what counts as an image of a class:
+digit/runtime/folder.py); prepare (digit/data/prepare.py) indexes it into a manifest that every
+later stage reads instead of the folder, each image's bytes checked against the hash prepare took.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import itertools
 import os
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -15,10 +19,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from digit.runtime.folder import IMAGE_EXTENSIONS, SPLITS, count_images  # noqa: F401 (the folder's layout)
 from digit.runtime.io import read_json
 
-SPLITS = ("train", "val")
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+# The decoder each extension allows. PIL would pick one from the file's first bytes (a .jpg holding
+# EPS would reach Ghostscript); only these are tried. A multi-picture JPEG (MPO, as some cameras
+# write) is a JPEG stream: it opens, as its first picture.
+FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
 
 
 # Images with more pixels are refused before they are decoded: a file of a few bytes can declare a
@@ -31,17 +38,45 @@ class BadImage(ValueError):
 
     def __init__(self, path: str | Path, reason: str, detail: str):
         super().__init__(f"cannot read image {path}: {reason} ({detail})")
-        self.path, self.reason = str(path), reason
+        self.path, self.reason, self.detail = str(path), reason, detail
 
 
-def _decode(path: Path) -> Image.Image:
-    if path.stat().st_size == 0:
+class ImageChanged(ValueError):
+    """A manifest image whose bytes are not those prepare hashed."""
+
+    def __init__(self, path: str | Path, actual: str, expected: str):
+        super().__init__(f"{path} changed after prepare indexed it (sha256 {actual[:16]}..., the manifest has "
+                         f"{expected[:16]}...): re-run prepare (snakemake --forcerun prepare) and the stages after it")
+
+
+def read_image_bytes(path: str | Path) -> bytes:
+    """The bytes of a regular file; anything else (a FIFO, a device) is refused without reading it."""
+    try:
+        # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise BadImage(path, "unreadable", str(e)) from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadImage(path, "not a regular file", "a FIFO, socket or device is never read")
+        try:
+            data = f.read()
+        except OSError as e:
+            raise BadImage(path, "unreadable", str(e)) from e
+    if not data:
         raise BadImage(path, "empty file", "0 bytes")
+    return data
+
+
+def _decode(path: Path, data: bytes) -> Image.Image:
+    image_format = FORMATS.get(path.suffix.lower())
+    if image_format is None:
+        raise BadImage(path, "not a JPEG or PNG", f"extension '{path.suffix}'; images are {sorted(FORMATS)}")
     try:
         with warnings.catch_warnings():
             # PIL's own global limit only warns below twice its value; MAX_IMAGE_PIXELS decides here
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data), formats=[image_format]) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise BadImage(path, "too large", f"{im.width}x{im.height} pixels, more than MAX_IMAGE_PIXELS = "
                                                       f"{MAX_IMAGE_PIXELS}: a decompression bomb?")
@@ -52,18 +87,17 @@ def _decode(path: Path) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise BadImage(path, "too large", str(e)) from e
     except UnidentifiedImageError as e:
-        raise BadImage(path, "not an image", "no image format recognises it") from e
-    except OSError as e:
-        # an errno means the file system refused (permissions, gone); none means the decoder did
-        raise BadImage(path, "unreadable" if e.errno else "truncated or corrupt", str(e)) from e
-    except (ValueError, SyntaxError, struct.error) as e:
+        raise BadImage(path, f"not a {image_format}",
+                       f"its extension says {image_format}, its bytes are not; no other decoder is tried") from e
+    except (OSError, ValueError, SyntaxError, struct.error) as e:
         raise BadImage(path, "truncated or corrupt", str(e)) from e
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode any supported image to 8-bit RGB, upright (EXIF orientation applied), transparency
-    composited on white; raise BadImage naming the file and the reason if it cannot be."""
-    im = _decode(Path(path))
+def decode_image(path: str | Path, data: bytes) -> Image.Image:
+    """Decode the bytes of the image file `path` (whose extension says its format) to 8-bit RGB,
+    upright (EXIF orientation applied), transparency composited on white; raise BadImage naming the
+    file and the reason if they cannot be."""
+    im = _decode(Path(path), data)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grayscale: PIL's convert("RGB") clips at 255, so map 0..65535 onto 0..255 first.
         array = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257
@@ -75,26 +109,25 @@ def load_image(path: str | Path) -> Image.Image:
     return im.convert("RGB")
 
 
-def count_images(root: str | Path) -> tuple[int, int, int]:
-    """(train images, val images, train classes) of an image folder as prepare finds them, without
-    opening a file: for the checks before a run (digit.runtime.config.check_feasible), fast on a million images."""
-    per_class = {}
-    for split in SPLITS:
-        if not (Path(root) / split).is_dir():
-            raise FileNotFoundError(f"image folder {root} has no '{split}/' directory")
-        per_class[split] = [sum(Path(name).suffix.lower() in IMAGE_EXTENSIONS
-                                for _, _, files in os.walk(entry.path) for name in files)
-                            for entry in os.scandir(Path(root) / split) if entry.is_dir()]
-    return sum(per_class["train"]), sum(per_class["val"]), sum(n > 0 for n in per_class["train"])
-
+def load_image(path: str | Path, sha256: str | None = None) -> Image.Image:
+    """The image file `path` decoded (decode_image); with `sha256`, its bytes must hash to it (a
+    manifest's record of them), else ImageChanged. The file is read once, for both."""
+    data = read_image_bytes(path)
+    if sha256 is not None and (actual := hashlib.sha256(data).hexdigest()) != sha256:
+        raise ImageChanged(path, actual, sha256)
+    return decode_image(path, data)
 
 
 def load_manifest(path: str | Path) -> dict:
+    """A manifest from prepare, its image paths (relative to its root) joined with the root."""
     manifest = read_json(path)
     if not {"classes", "splits"} <= manifest.keys():
         raise ValueError(f"{path} is not a digit manifest (needs 'classes' and 'splits')")
+    root = manifest.get("root", "")
+    for entries in manifest["splits"].values():
+        for entry in entries:
+            entry["path"] = os.path.join(root, entry["path"])
     return manifest
-
 
 
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:
@@ -188,11 +221,16 @@ class ImageDataset(torch.utils.data.Dataset):
         """The key of random_crop_box for image `index` in this random-crop view."""
         return (self.seed, SPLIT_KEYS[self.split], index, self.crop)
 
+    def load(self, index: int) -> Image.Image:
+        """Image `index`, its bytes checked against the manifest's hash."""
+        entry = self.entries[index]
+        return load_image(entry["path"], entry.get("sha256"))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         entry = self.entries[index]
         if self.crop is not None:
-            return random_crop(load_image(entry["path"]), self.size, self.crop_key(index)), entry["label"]
-        image = preprocess(load_image(entry["path"]), self.size)
+            return random_crop(self.load(index), self.size, self.crop_key(index)), entry["label"]
+        image = preprocess(self.load(index), self.size)
         if self.view == "hflip":
             image = image.flip(-1)
         return image, entry["label"]

@@ -41,7 +41,8 @@ class CropFlipViews(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         entry = self.entries[index]
-        return random_crop(load_image(entry["path"]), self.size, self.crop_key(index)), entry["label"]
+        image = load_image(entry["path"], entry.get("sha256"))  # its bytes checked against the manifest
+        return random_crop(image, self.size, self.crop_key(index)), entry["label"]
 
 
 def run_features_shard(config: dict, manifest_path: str | Path, shard: str | int, out_dir: str | Path) -> None:
