@@ -2,7 +2,7 @@
 #   snakemake                                          # the CPU demo (workflow/profiles/default)
 #   snakemake --configfile config/imagenet-base.yaml   # another experiment
 #   snakemake --profile workflow/profiles/slurm ...    # on a SLURM cluster
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 

@@ -2,12 +2,26 @@
 import os
 import shlex
 
-import yaml
+from snakemake_interface_storage_plugins.io import WILDCARD_REGEX
 
-from digit.runtime.config import check_feasible
+from digit.runtime.config import ConfigError, check_feasible, load_config
 from digit.stages import code_sha256, config_subset
 
+
+def read_config(path):
+    """The experiment config as digit reads it (strict YAML, the schema), or a WorkflowError that names
+    the file and the line or key."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise WorkflowError(str(e)) from None
+
+
+# Snakemake has read a --configfile with its own reader before this file runs (and evaluated it, if it
+# is a YTE template); the default is read by digit first. Either way digit's reader and schema check
+# the file before the workflow uses any value of it.
 if not workflow.configfiles:
+    read_config("config/config.yaml")
     configfile: "config/config.yaml"
 if len(workflow.configfiles) != 1:
     raise WorkflowError(
@@ -19,13 +33,11 @@ if len(workflow.configfiles) != 1:
 CONFIGFILE = str(workflow.configfiles[0])
 if os.path.abspath(CONFIGFILE).startswith(os.path.join(os.getcwd(), "")):
     CONFIGFILE = os.path.relpath(CONFIGFILE)
-validate(config, "../schemas/config.schema.yaml")
-with open(CONFIGFILE) as f:
-    if yaml.safe_load(f) != config:
-        raise WorkflowError(
-            f"--config overrides are not supported: every stage reads {CONFIGFILE}; "
-            "edit the file or copy it to a new experiment config"
-        )
+if read_config(CONFIGFILE) != config:
+    raise WorkflowError(
+        f"--config overrides are not supported: the config Snakemake holds differs from {CONFIGFILE}, "
+        "which every stage reads; edit the file or copy it to a new experiment config"
+    )
 # Values that would fail hours into a run stop it before the first job, naming the key. Planning
 # (-n) checks the values alone; a run also checks the data, weight files and, for jobs run here, a GPU.
 check_feasible(config, CONFIGFILE, machine=False)
@@ -38,6 +50,12 @@ onstart:
 R = f"results/{config['experiment']}"
 SYNTHETIC = config["data"]["source"] == "synthetic"
 DATA = f"{R}/data" if SYNTHETIC else config["data"]["root"]
+# An input path has no escape for braces: Snakemake would take {name} in the image folder for a wildcard.
+if not SYNTHETIC and WILDCARD_REGEX.search(DATA):
+    raise WorkflowError(
+        f"key 'data.root': {DATA!r} holds {{...}}, which Snakemake reads as a wildcard in an input path; "
+        "give the folder (or a link to it) a path without braces"
+    )
 # The paper's VQ-token baseline (stage1.tokens: vq): stage 1 learns the VQ tokens, which the VQ
 # decoder renders; there is no stage 2.
 VQ_BASELINE = config["stage1"]["tokens"] == "vq"
@@ -67,8 +85,14 @@ def digit(arguments):
     return (
         "OMP_NUM_THREADS={threads} digit "
         + arguments
-        + f" --config {shlex.quote(CONFIGFILE)} > {{log:q}} 2>&1"
+        + f" --config {shell_literal(CONFIGFILE)} > {{log:q}} 2>&1"
     )
+
+
+def shell_literal(value):
+    """`value` as one shell word inside a rule's shell string: quoted, and its braces doubled, since
+    Snakemake formats the string and would fill in {...} (breaking the quoting) otherwise."""
+    return shlex.quote(str(value)).replace("{", "{{").replace("}", "}}")
 
 
 # The training rules' `digit --launcher` flags, from the rule's resources in the profile:
