@@ -348,22 +348,24 @@ def reference_cache_name(record: dict, weights_sha256: str) -> str:
 
 
 def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Path,
-                 classifier_dir: str | Path, out_dir: str | Path) -> None:
-    """metrics.json: FID/IS/KID/precision/recall against the reference, CAS of the samples, and what
-    the numbers were measured with (reference, feature extractor, its weights)."""
+                 classifier_dir: str | Path | None, out_dir: str | Path) -> None:
+    """metrics.json: FID/IS/KID/precision/recall against the reference, CAS of the samples (without a
+    classifier, classifier.enabled: false, none), and what the numbers were measured with (reference,
+    feature extractor, its weights)."""
     check_inception_weights(config)
     device = resolve_device(config)
     size, batch_size = config["data"]["image_size"], config["evaluate"]["batch_size"]
     manifest = load_manifest(manifest_path)
     samples = SampleDataset(samples_dir, size)
-    classifier, classifier_meta = load_classifier(classifier_dir, device)
-    if classifier_meta["classes"] != manifest["classes"]:
-        raise ValueError(f"{classifier_dir} was trained on other classes than {manifest_path} lists")
+    if classifier_dir is not None:
+        classifier, classifier_meta = load_classifier(classifier_dir, device)
+        if classifier_meta["classes"] != manifest["classes"]:
+            raise ValueError(f"{classifier_dir} was trained on other classes than {manifest_path} lists")
     reference, record = reference_images(config, manifest)
     fid_statistics = reference_fid_statistics(config)
 
     # CAS first: it decodes every sample through load_image, which names a file it cannot read
-    cas = accuracy(classifier, samples, batch_size, device)
+    cas = accuracy(classifier, samples, batch_size, device) if classifier_dir is not None else None
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
         weights, calibrated = inception_weights(config, Path(scratch))
         metrics = fidelity_metrics(PngImages(Path(samples_dir) / "images"), reference, weights, batch_size,
@@ -377,7 +379,7 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
         metrics |= {
             "cas": cas,
             "chance": 1 / len(manifest["classes"]),
-            "classifier_val_accuracy": classifier_meta["val_accuracy"],
+            "classifier_val_accuracy": classifier_meta["val_accuracy"] if classifier_dir is not None else None,
             "num_samples": len(samples), **record,
             "fid_reference_statistics": FID_FROM_IMAGES if fid_statistics is None else FID_FROM_NPZ,
             "feature_extractor": f"torch-fidelity {FEATURE_EXTRACTOR}",
@@ -390,10 +392,11 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "provenance.json", provenance(
             config, "evaluate",
-            {"manifest": manifest_path, "samples": Path(samples_dir) / "samples.npz",
-             "classifier": Path(classifier_dir) / "model.safetensors"}))
+            {"manifest": manifest_path, "samples": Path(samples_dir) / "samples.npz"}
+            | ({"classifier": Path(classifier_dir) / "model.safetensors"} if classifier_dir is not None else {})))
     pr = ("no precision/recall (no reference images)" if metrics["precision"] is None
           else f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}")
     print(f"evaluate: reference features {reference_source}")
     print(f"evaluate: FID {metrics['fid']:.3f} ({metrics['fid_reference_statistics']}), "
-          f"IS {metrics['inception_score']:.3f}, {pr}, CAS {metrics['cas']:.3f} (chance {metrics['chance']:.3f})")
+          f"IS {metrics['inception_score']:.3f}, {pr}, "
+          + ("no CAS (classifier.enabled: false)" if cas is None else f"CAS {cas:.3f} (chance {metrics['chance']:.3f})"))

@@ -212,6 +212,15 @@ def _value_problems(config: dict, counts: tuple[int, int, int] | None) -> list[s
         if batch % accum:
             problems.append(f"key '{stage}.batch_size': {batch} does not split into {stage}.grad_accum_steps "
                             f"{accum} equal micro-batches")
+    if config["stage1"]["weights"] == "file" and config["stage1"]["tokens"] == "vq":
+        problems.append("key 'stage1.weights': 'file' converts DiGIT's released stage 1, a model of the "
+                        "discriminative tokens; the VQ-token baseline (stage1.tokens: vq) was not released")
+    if config["stage2"]["weights"] == "file" and config["kmeans"]["weights"] == "cluster":
+        problems.append("key 'stage2.weights': a released stage 2 reads the tokens of the released centroids; "
+                        "set kmeans.weights: file (a codebook clustered here numbers its clusters otherwise)")
+    if config["stage1"]["weights"] == "file" and config["kmeans"]["weights"] == "cluster":
+        problems.append("key 'stage1.weights': a released stage 1 models the tokens of the released centroids; "
+                        "set kmeans.weights: file (a codebook clustered here numbers its clusters otherwise)")
     size, levels = config["data"]["image_size"], len(config["vq"]["channel_mult"]) - 1
     if size % 2 ** levels:
         problems.append(f"key 'data.image_size': {size} is not divisible by the VQ downsampling 2^{levels} "
@@ -231,15 +240,18 @@ def _value_problems(config: dict, counts: tuple[int, int, int] | None) -> list[s
     train_images, val_images, classes = counts
     km = config["kmeans"]
     sampled = max(1, round(km["sample_fraction"] * train_images))
-    if km["k"] > sampled * patches:
+    clustered = km["weights"] == "cluster"  # released centroids need no sample
+    if clustered and km["k"] > sampled * patches:
         problems.append(f"key 'kmeans.k': {km['k']} clusters but K-means gets only {sampled * patches} patch "
                         f"features (kmeans.sample_fraction {km['sample_fraction']} of {train_images} train images "
                         f"x {patches} patches); lower kmeans.k or raise kmeans.sample_fraction")
-    for key, shards, items in (("kmeans.feature_shards", km["feature_shards"], sampled),
-                               ("tokenize.shards", config["tokenize"]["shards"], train_images + val_images)):
+    shard_counts = ((("kmeans.feature_shards", km["feature_shards"], sampled),) if clustered else ()) + (
+        ("tokenize.shards", config["tokenize"]["shards"], train_images + val_images),)
+    for key, shards, items in shard_counts:
         if shards > items:
             problems.append(f"key '{key}': {shards} shards but only {items} images to split")
-    batch_keys = ["classifier.batch_size"] + (["vq.batch_size"] if config["vq"]["weights"] == "train" else [])
+    batch_keys = ((["classifier.batch_size"] if config["classifier"]["enabled"] else [])
+                  + (["vq.batch_size"] if config["vq"]["weights"] == "train" else []))
     for key in batch_keys:
         section, name = key.split(".")
         if config[section][name] > train_images:
@@ -260,6 +272,8 @@ def _file_problems(config: dict) -> list[str]:
         "vq.weights_file": vq["weights_file"] if vq["weights"] == "file" else None,
         "vq.perceptual_weights_file": vq["perceptual_weights_file"]
         if vq["weights"] == "train" and vq["perceptual_weight"] > 0 else None,
+        **{f"{section}.weights_file": config[section]["weights_file"]
+           for section in ("kmeans", "stage1", "stage2") if config[section]["weights"] == "file"},
         "evaluate.inception_weights": ev["inception_weights"],
         "evaluate.reference": None if ev["reference"] == "val" else ev["reference"],
     }

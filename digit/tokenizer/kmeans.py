@@ -1,4 +1,5 @@
-"""Plain L2 K-means (faiss) of the sampled patch features: the codebook of the discriminative tokens."""
+"""The codebook of the discriminative tokens: plain L2 K-means (faiss) of the sampled patch features,
+or released centroids (DiGIT's km_8k.npy / km_16k.npy, `kmeans.weights: file`) bound to the encoder."""
 from __future__ import annotations
 
 import sys
@@ -108,3 +109,49 @@ def run_kmeans(config: dict, features_dir: str | Path, out_dir: str | Path) -> N
         })
     print(f"kmeans: K={k} on {len(sample)} vectors ({'GPU' if gpu else 'CPU'}), "
           f"inertia {inertia[0]:.4g} -> {inertia[-1]:.4g}, {int((counts == 0).sum())} dead clusters")
+
+
+def read_centroids(path: str | Path, k: int) -> np.ndarray:
+    """A released [K, D] centroid array (kmeans.weights_file), read without unpickling; float32."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config key 'kmeans.weights_file': no such file {path} (DiGIT's released centroids, "
+                                "km_8k.npy or km_16k.npy: README, 'Released weights')")
+    try:
+        centroids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} (kmeans.weights_file) is not a .npy array of centroids: {e}") from None
+    if centroids.ndim != 2 or not np.issubdtype(centroids.dtype, np.floating):
+        raise ValueError(f"{path} (kmeans.weights_file) holds {centroids.dtype} {list(centroids.shape)}; "
+                         "centroids are a float [K, D] array")
+    if len(centroids) != k:
+        raise ValueError(f"{path} (kmeans.weights_file) holds {len(centroids)} centroids, kmeans.k is {k}")
+    if not np.isfinite(centroids).all():
+        raise ValueError(f"{path} (kmeans.weights_file) holds NaN or infinite values")
+    return centroids.astype(np.float32)
+
+
+def run_import_centroids(config: dict, centroids_path: str | Path, out_dir: str | Path) -> None:
+    """The codebook directory (as run_kmeans writes it) of released centroids: checked against kmeans.k
+    and the encoder's dimension, bound to the encoder (its identity, weights hash included) as a
+    clustered codebook is, so that tokenize refuses it with another encoder."""
+    from digit.tokenizer.encoders import FeatureEncoder  # on use: it imports timm
+
+    centroids = read_centroids(centroids_path, config["kmeans"]["k"])
+    encoder = FeatureEncoder(config)
+    if centroids.shape[1] != encoder.dim:
+        raise ValueError(f"{centroids_path} (kmeans.weights_file) holds {centroids.shape[1]}-d centroids, but the "
+                         f"encoder ({config['encoder']['arch']}) gives {encoder.dim}-d features")
+    with atomic_dir(out_dir) as tmp:
+        save_npy(tmp / "codebook.npy", centroids)
+        write_json(tmp / "codebook.json", {
+            "encoder": encoder.identity,
+            "image_size": config["data"]["image_size"],
+            "k": len(centroids),
+            "dim": centroids.shape[1],
+            "source": "file",
+            "weights_file_sha256": sha256_file(centroids_path),
+            "codebook_sha256": sha256_file(tmp / "codebook.npy"),
+            "provenance": provenance(config, "import_centroids", {"centroids": centroids_path}),
+        })
+    print(f"import-centroids: K={len(centroids)}, D={centroids.shape[1]} from {centroids_path}")

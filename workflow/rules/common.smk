@@ -50,12 +50,17 @@ onstart:
 R = f"results/{config['experiment']}"
 SYNTHETIC = config["data"]["source"] == "synthetic"
 DATA = f"{R}/data" if SYNTHETIC else config["data"]["root"]
+
 # An input path has no escape for braces: Snakemake would take {name} in the image folder for a wildcard.
 if not SYNTHETIC and WILDCARD_REGEX.search(DATA):
     raise WorkflowError(
         f"key 'data.root': {DATA!r} holds {{...}}, which Snakemake reads as a wildcard in an input path; "
         "give the folder (or a link to it) a path without braces"
     )
+# Released weights (README: Released weights): centroids, stage 1 and stage 2 converted, not trained.
+KMEANS_FILE = config["kmeans"]["weights"] == "file"
+STAGE1_FILE = config["stage1"]["weights"] == "file"
+STAGE2_FILE = config["stage2"]["weights"] == "file"
 # The paper's VQ-token baseline (stage1.tokens: vq): stage 1 learns the VQ tokens, which the VQ
 # decoder renders; there is no stage 2.
 VQ_BASELINE = config["stage1"]["tokens"] == "vq"
@@ -65,7 +70,13 @@ STAGE2_FLAG = "" if VQ_BASELINE else "--stage2 {input.stage2:q} "
 TOKENS_FLAG = "" if VQ_BASELINE else "--tokens {input.tokens:q} "  # the upper bound's discriminative tokens
 # The linear probe runs stage 1 without its class: on an unconditional model, or on the null class of
 # one trained with class dropout (the paper probes its unconditional models). Other models get none.
-PROBE = not config["stage1"]["class_conditional"] or config["stage1"]["class_dropout"] > 0
+# probe.enabled: false leaves it out (a training-free evaluation of released weights).
+PROBE = config["probe"]["enabled"] and (
+    not config["stage1"]["class_conditional"] or config["stage1"]["class_dropout"] > 0
+)
+# CAS needs a classifier trained on the real images: classifier.enabled: false leaves both out.
+CLASSIFIER = {"classifier": f"{R}/classifier"} if config["classifier"]["enabled"] else {}
+CLASSIFIER_FLAG = "--classifier {input.classifier:q} " if CLASSIFIER else ""
 PROBE_INPUT = {"probe": f"{R}/probe"} if PROBE else {}
 PROBE_FLAG = "--probe {input.probe:q} " if PROBE else ""
 REPORT_OUTPUTS = [f"{R}/metrics.json", f"{R}/grid.png", f"{R}/report.json"] + [

@@ -58,7 +58,7 @@ rule evaluate:
     input:
         samples=f"{R}/samples",
         prepare=f"{R}/prepare",
-        classifier=f"{R}/classifier",
+        **CLASSIFIER,
     output:
         directory(f"{R}/evaluate"),
     params:
@@ -70,7 +70,7 @@ rule evaluate:
     shell:
         digit(
             "evaluate --samples {input.samples:q} --manifest {input.prepare:q}/manifest.json "
-            "--classifier {input.classifier:q} --out {output:q}"
+            f"{CLASSIFIER_FLAG}--out {{output:q}}"
         )
 
 

@@ -57,7 +57,8 @@ def planned_jobs(output: str) -> dict[str, dict[str, list[str]]]:
 
 def dry_run(config: str) -> dict[str, dict[str, list[str]]]:
     """Every job of the experiment, planned in an empty directory (nothing exists: all are planned)."""
-    targets = [stage for stage in STAGES if len(rules(stage)) > 1 and stage in rules(stage)]
+    # the stages of shard jobs and their merge, named after the merge (features: a target rule)
+    targets = [stage for stage in STAGES if f"{stage}_shard" in rules(stage)]
     with tempfile.TemporaryDirectory() as workdir:
         result = subprocess.run(
             [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "-n", "--configfile",
@@ -85,11 +86,12 @@ def generate(config: str, profile: str) -> dict:
             continue  # not in this experiment's DAG (synthesize, for an image folder)
         made = {path for rule in names for path in jobs[rule]["output"]}
         used = {folder.get(path, path) for rule in names for path in jobs[rule]["input"] if path not in made}
-        outs = sorted(jobs[name]["output"] or {folder[path] for path in made})
+        target = name if name in jobs else names[0]  # a stage's alternative rule (import_vq)
+        outs = sorted(jobs[target]["output"] or {folder[path] for path in made})
         rule_list = " ".join(names)
         entry = {
             "cmd": f"snakemake --profile ${{profile}} --configfile ${{config}} "
-                   f"--allowed-rules {rule_list} --forcerun {rule_list} -- {name}",
+                   f"--allowed-rules {rule_list} --forcerun {rule_list} -- {target}",
             "deps": [f"digit/{package}" for package in sorted(stage.code)] + sorted(var(p) for p in used),
             "params": [{"${config}": list(stage.params)}],
         }

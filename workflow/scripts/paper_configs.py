@@ -1,6 +1,7 @@
-"""Write config/paper/<row>.yaml: one experiment config per result row of the DiGIT paper (ImageNet 256).
+"""Write config/paper/<row>.yaml: one experiment config per result row of the DiGIT paper (ImageNet 256),
+and config/released-{base,large}.yaml: DiGIT's released weights, sampled and evaluated without training.
 
-    python workflow/scripts/paper_configs.py           # rewrite every config/paper/*.yaml
+    python workflow/scripts/paper_configs.py           # rewrite every config/paper/*.yaml and config/released-*.yaml
     python workflow/scripts/paper_configs.py --check   # exit 1 if a committed file differs from what it writes
 
 Each row is config/imagenet-base.yaml or config/imagenet-large.yaml (the shared ImageNet settings)
@@ -30,6 +31,7 @@ class Row:
     paper: str  # the paper's row and its number, for the header
     overrides: tuple[tuple[str, object, str], ...]  # (dotted key, value, source)
     cfg: bool = False  # beyond the paper: classifier-free guidance
+    released: bool = False  # DiGIT's released weights, sampled and evaluated: config/<row>.yaml, no training
 
 
 # Every paper row: the official code has no classifier-free guidance, its class-conditional stage 1
@@ -141,8 +143,42 @@ ROWS.update({
 })
 
 
+# DiGIT's released weights (HF DAMO-NLP-SG/DiGIT; README: Released weights), sampled and evaluated without
+# training: the centroids and both stages converted from their files, no probe and no CAS classifier (both
+# train), FID and IS against val as the official eval_fid.py.
+def released(size: str, centroids: str, top_k: tuple) -> tuple:
+    stage_dir = f"weights/DiGIT/{size}_{centroids.split('_')[1].split('.')[0]}"
+    return (UNCOND, NO_DROPOUT, top_k, AR_TOP_P,
+            ("kmeans.weights", "file", "the released centroids (README: Checkpoints)"),
+            ("kmeans.weights_file", f"weights/DiGIT/{centroids}", "HF DAMO-NLP-SG/DiGIT"),
+            ("stage1.weights", "file", "the released stage-1 checkpoint, converted (digit/generate/released.py)"),
+            ("stage1.weights_file", f"{stage_dir}_stage1/checkpoint_last.pt", "HF DAMO-NLP-SG/DiGIT"),
+            ("stage2.weights", "file", "the released stage-2 checkpoint, converted (digit/generate/released.py)"),
+            ("stage2.weights_file", f"{stage_dir}_stage2/checkpoint_last.pt", "HF DAMO-NLP-SG/DiGIT"),
+            ("tokenize.random_crops", 0, "no training: the upper bound's val tokens need the center crop only"),
+            ("tokenize.views", ["identity"], "no training: the center crop only"),
+            ("probe.enabled", False, "the probe trains classifiers: not a training-free evaluation"),
+            ("classifier.enabled", False, "CAS trains a classifier: not a training-free evaluation"))
+
+
+RELEASED = {
+    "released-base": Row("imagenet-base", "DiGIT's released base model (219M, K=8192; HF DAMO-NLP-SG/DiGIT), sampled "
+                         "and evaluated without training; Table 3, class-unconditional DiGIT (+VQGAN) 219M: FID 9.13, "
+                         "IS 73.85", released("base", "km_8k.npy", TOPK_BASE), released=True),
+    "released-large": Row("imagenet-large", "DiGIT's released large model (732M, K=16384; HF DAMO-NLP-SG/DiGIT), "
+                          "sampled and evaluated without training; Table 3, class-unconditional DiGIT (+VQGAN) 732M: "
+                          "FID 4.59, IS 141.29", released("large", "km_16k.npy", TOPK_LARGE), released=True),
+}
+ROWS.update(RELEASED)
+
+
 def experiment(name: str) -> str:
-    return f"paper-{name}"
+    return name if ROWS[name].released else f"paper-{name}"
+
+
+def config_path(name: str) -> Path:
+    """config/paper/<row>.yaml, or config/<row>.yaml for the released weights."""
+    return (OUT.parent if ROWS[name].released else OUT) / f"{name}.yaml"
 
 
 def yaml_value(value) -> str:
@@ -206,7 +242,7 @@ def main() -> None:
     stale = []
     OUT.mkdir(parents=True, exist_ok=True)
     for name in ROWS:
-        path = OUT / f"{name}.yaml"
+        path = config_path(name)
         text = render(name)
         if args.check:
             if not path.is_file() or path.read_text() != text:
@@ -214,7 +250,7 @@ def main() -> None:
         else:
             path.write_text(text)
             print(f"wrote {path.relative_to(REPO)}")
-    extra = sorted(p.name for p in OUT.glob("*.yaml") if p.stem not in ROWS)
+    extra = sorted(p.name for p in OUT.glob("*.yaml") if p.stem not in ROWS or ROWS[p.stem].released)
     if args.check and (stale or extra):
         sys.exit(f"out of date: {stale}; not generated: {extra}; run python workflow/scripts/paper_configs.py")
 
