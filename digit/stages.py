@@ -46,6 +46,7 @@ STAGE1, STAGE2 = ("--stage1", "directory from train-ar"), ("--stage2", "director
 VQ = ("--vq", "directory from train-vq")
 CODEBOOK = ("--codebook", "directory from kmeans")
 OUT = ("--out", "output directory")
+CHECKPOINT = ("--checkpoint", "DiGIT's released fairseq checkpoint, or its safetensors conversion")
 
 
 def shards_flag(key: str) -> tuple[str, str]:
@@ -79,6 +80,12 @@ STAGES: dict[str, Stage] = {
         commands={"kmeans": Command("digit.tokenizer.kmeans:run_kmeans", "faiss K-means of the features to a codebook",
                                     (("--features", "directory holding the features shards 0 .. "
                                                     "kmeans.feature_shards - 1"), OUT))}),
+    "import_centroids": Stage(
+        params=("seed", "data.image_size", "encoder", "kmeans"), code=("tokenizer", "runtime"),
+        commands={"import-centroids": Command("digit.tokenizer.kmeans:run_import_centroids",
+                                              "released K-means centroids (kmeans.weights_file) to a codebook",
+                                              (("--centroids", "[K, D] .npy of centroids (kmeans.weights_file)"),
+                                               OUT))}),
     "tokenize": Stage(
         params=("device", "seed", "data.image_size", "encoder", "tokenize"),
         code=("tokenizer", "runtime"), rules=("tokenize_shard", "tokenize"),
@@ -90,6 +97,7 @@ STAGES: dict[str, Stage] = {
                                       (shards_flag("tokenize.shards"), ("--out", "output token cache directory")))}),
     "train_vq": Stage(
         params=("device", "seed", "data.image_size", "vq"), code=("pixels", "runtime"),
+        rules=("train_vq", "import_vq"),  # import_vq: vq.weights: file, converted, not trained
         commands={"train-vq": Command("digit.pixels.train:run_train_vq",
                                       "train the VQ autoencoder (the pixel tokenizer)", (MANIFEST, OUT),
                                       launchable=True)}),
@@ -107,6 +115,16 @@ STAGES: dict[str, Stage] = {
         commands={"train-decoder": Command("digit.generate.train:run_train_decoder",
                                            "train the stage-2 decoder (sem -> VQ tokens)",
                                            (TOKENS, ("--vq-tokens", "VQ token cache"), OUT), launchable=True)}),
+    "import_stage1": Stage(
+        params=("kmeans.k", "stage1"), code=("generate", "runtime"),
+        commands={"import-stage1": Command("digit.generate.released:run_import_stage1",
+                                           "DiGIT's released stage-1 checkpoint (stage1.weights_file) to a stage-1 model",
+                                           (CHECKPOINT, MANIFEST, CODEBOOK, OUT))}),
+    "import_stage2": Stage(
+        params=("kmeans.k", "vq.codebook_size", "stage2"), code=("generate", "runtime"),
+        commands={"import-stage2": Command("digit.generate.released:run_import_stage2",
+                                           "DiGIT's released stage-2 checkpoint (stage2.weights_file) to a stage-2 model",
+                                           (CHECKPOINT, CODEBOOK, VQ, OUT))}),
     "probe": Stage(
         params=("device", "seed", "probe"), code=("evaluate", "generate", "runtime"),
         commands={"probe": Command("digit.evaluate.probe:run_probe",
@@ -130,7 +148,8 @@ STAGES: dict[str, Stage] = {
         commands={"evaluate": Command("digit.evaluate.fidelity:run_evaluate",
                                       "FID, IS, KID (torch-fidelity) and CAS of the samples",
                                       (("--samples", "directory from sample"), MANIFEST,
-                                       ("--classifier", "directory from train-classifier"), OUT))}),
+                                       ("--classifier", "directory from train-classifier"), OUT),
+                                      optional=("--classifier",))}),
     "upper_bound": Stage(
         params=("device", "seed", "data.image_size", "sample", "evaluate", "upper_bound"),
         code=("evaluate", "generate", "pixels", "runtime"),

@@ -2,6 +2,7 @@
 (official key names and shapes) give the logits of fairseq's decoder, computed here from its formulas;
 bad keys, shapes and configs are refused by name; unsafe pickles are refused and never run."""
 import argparse
+import json
 import math
 import os
 import re
@@ -14,11 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from digit.generate.gpt import generate_masked
+from digit.generate.gpt import PRESETS, generate_masked
 from digit.generate.released import (convert_stage1, convert_stage2, read_fairseq_checkpoint,
-                                     released_centroids, stage1_record, stage2_record, write_stage)
+                                     released_centroids, run_import_stage1, run_import_stage2, stage1_record,
+                                     stage2_record, write_stage)
 from digit.generate.sample import check_chain, generate_tokens
-from digit.generate.train import load_stage
+from digit.generate.train import LOG_HEADER, load_stage
+from digit.runtime.images import load_manifest
 from digit.runtime.io import sha256_file
 
 D, LAYERS, HEADS, FFN = 32, 2, 2, 64
@@ -400,3 +403,64 @@ def test_lengths_the_checkpoint_lacks_must_be_given(tmp_path):
     state, cfg = read_fairseq_checkpoint(path)
     with pytest.raises(ValueError, match="prefix_len"):
         convert_stage2(state, cfg, K, "ar", dict(seq_len=T), source=path)
+
+
+# --- the pipeline's import stages ------------------------------------------------------------------
+
+@pytest.fixture
+def released_config(tiny_config, monkeypatch, tmp_path):
+    """tiny_config with released centroids and checkpoints of this file's tiny shape (a preset of its own),
+    a codebook of K centroids on a GRID of 48-d features, and a VQ model directory with V codes on GRID."""
+    monkeypatch.setitem(PRESETS, "released-test", SHAPE)
+    tiny_config["kmeans"].update(weights="file", weights_file=str(tmp_path / "km.npy"), k=K)
+    tiny_config["vq"]["codebook_size"] = V
+    tiny_config["stage1"].update(class_conditional=False, class_dropout=0.0)
+    for stage, arch in (("stage1", "fairseq_postln"), ("stage2", "fairseq_prenorm")):
+        tiny_config[stage].update(weights="file", weights_file=str(tmp_path / f"{stage}.pt"), preset="released-test",
+                                  arch=arch)
+    (tmp_path / "codebook").mkdir()
+    np.save(tmp_path / "codebook" / "codebook.npy", np.ones((K, 48), np.float32))
+    (tmp_path / "codebook" / "codebook.json").write_text(json.dumps(
+        {"k": K, "encoder": {"grid": GRID}, "codebook_sha256": sha256_file(tmp_path / "codebook" / "codebook.npy")}))
+    (tmp_path / "vq").mkdir()
+    (tmp_path / "vq" / "model.safetensors").write_bytes(b"the VQ model's weights")
+    (tmp_path / "vq" / "model.json").write_text(json.dumps({"grid": GRID}))
+    return tiny_config
+
+
+def test_the_import_stages_write_stages_that_sample_together(released_config, manifest, tmp_path):
+    """import-stage1 and import-stage2 as the workflow runs them: bound to the codebook and the VQ model,
+    with provenance, a training log without rows, and the official logits."""
+    _, weights1 = stage1_checkpoint(tmp_path / "stage1.pt", conditional=False)
+    _, weights2 = stage2_checkpoint(tmp_path / "stage2.pt", "ar")
+    run_import_stage1(released_config, tmp_path / "stage1.pt", manifest, tmp_path / "codebook", tmp_path / "s1")
+    run_import_stage2(released_config, tmp_path / "stage2.pt", tmp_path / "codebook", tmp_path / "vq", tmp_path / "s2")
+    (stage1, meta1), (stage2, meta2) = load_stage(tmp_path / "s1", "cpu"), load_stage(tmp_path / "s2", "cpu")
+    codebook_sha = sha256_file(tmp_path / "codebook" / "codebook.npy")
+    assert meta1["codebook_sha256"] == meta2["codebook_sha256"] == codebook_sha
+    assert meta2["vq_sha256"] == sha256_file(tmp_path / "vq" / "model.safetensors")
+    assert meta1["classes"] == load_manifest(manifest)["classes"] and not meta1["class_conditional"]
+    assert meta1["provenance"]["stage"] == "import_stage1" and meta2["provenance"]["stage"] == "import_stage2"
+    assert meta1["provenance"]["inputs"]["checkpoint"] == sha256_file(tmp_path / "stage1.pt")
+    for stage in ("s1", "s2"):
+        assert (tmp_path / stage / "log.tsv").read_text() == LOG_HEADER  # nothing trained: no curve
+    check_chain(meta1, meta2, {"grid": GRID, "image_size": 32}, meta2["vq_sha256"], 32)
+    tokens = codes(T - 1, K, 3) + NSPECIAL
+    with torch.no_grad():
+        close(stage1(torch.zeros(3, 1, dtype=torch.long), tokens[:, :T - 1] - NSPECIAL)[:, :, :],
+              fairseq_logits(weights1, torch.cat([torch.full((3, 1), EOS), tokens], 1))[:, :, NSPECIAL:])
+
+
+def test_an_import_stage_names_a_missing_checkpoint_and_a_shape_the_config_does_not_describe(
+        released_config, manifest, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config key 'stage1.weights_file': no such file .*stage1.pt"):
+        run_import_stage1(released_config, tmp_path / "stage1.pt", manifest, tmp_path / "codebook", tmp_path / "s1")
+    stage1_checkpoint(tmp_path / "stage1.pt", conditional=False)
+    released_config["stage1"]["preset"] = "tiny"  # 4 layers of 128: not the checkpoint's
+    with pytest.raises(ValueError, match="stage1.pt"):
+        run_import_stage1(released_config, tmp_path / "stage1.pt", manifest, tmp_path / "codebook", tmp_path / "s1")
+    stage2_checkpoint(tmp_path / "stage2.pt", "nar")
+    with pytest.raises(ValueError, match="stage2.pt"):  # stage2.decoder is ar: a MaskGIT checkpoint is refused
+        run_import_stage2(released_config, tmp_path / "stage2.pt", tmp_path / "codebook", tmp_path / "vq",
+                          tmp_path / "s2")
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()

@@ -55,8 +55,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from digit.generate.gpt import GPT, GPTConfig
-from digit.runtime.io import atomic_dir, sha256_file, write_json
+from digit.generate.gpt import GPT, PRESETS, GPTConfig
+from digit.generate.train import LOG_HEADER
+from digit.runtime.images import load_manifest
+from digit.runtime.io import atomic_dir, read_json, sha256_file, write_json
+from digit.stages import provenance
 
 NSPECIAL = 5       # <s>, <pad>, </s>, <unk>, <n>
 EOS, UNK = 2, 3    # </s>: stage 1's start token and stage 2's separator; <unk>: the NAR mask token
@@ -383,10 +386,77 @@ def stage2_record(gpt_cfg: GPTConfig, sem_grid: list, vq_grid: list, codebook_sh
 
 def write_stage(out_dir: str | Path, gpt_cfg: GPTConfig, state_dict: dict, record: dict,
                 source: str | Path) -> None:
-    """A stage directory as training writes it and load_stage reads it: model.safetensors and model.json
-    ({**record, "model": the GPTConfig fields, "released": the checkpoint's file name and sha256})."""
+    """A stage directory as training writes it and load_stage reads it: model.safetensors, model.json
+    ({**record, "model": the GPTConfig fields, "released": the checkpoint's file name and sha256}) and
+    a training log without rows (nothing was trained here, as for a pretrained VQ model)."""
     source = Path(source)
     with atomic_dir(out_dir) as tmp:
         save_file(state_dict, tmp / "model.safetensors")
+        (tmp / "log.tsv").write_text(LOG_HEADER)
         write_json(tmp / "model.json", {**record, "model": asdict(gpt_cfg),
                                         "released": {"file": source.name, "sha256": sha256_file(source)}})
+
+
+# --- the pipeline's stages (import-stage1, import-stage2) ---------------------------------------------
+
+def _codebook(codebook_dir: str | Path) -> dict:
+    """codebook.json of the codebook (K-means' or the released centroids'), its array checked against it."""
+    info = read_json(Path(codebook_dir) / "codebook.json")
+    if sha256_file(Path(codebook_dir) / "codebook.npy") != info["codebook_sha256"]:
+        raise ValueError(f"{codebook_dir}/codebook.npy is not the codebook its codebook.json records; re-run its stage")
+    return info
+
+
+def _expected(tc: dict, **lengths) -> dict:
+    """The GPTConfig fields the config says the checkpoint has: its preset, arch and sequence lengths."""
+    return {**PRESETS[tc["preset"]], "arch": tc["arch"], **lengths}
+
+
+def run_import_stage1(config: dict, checkpoint: str | Path, manifest_path: str | Path, codebook_dir: str | Path,
+                      out_dir: str | Path) -> None:
+    """DiGIT's released stage 1 (stage1.weights_file) as this pipeline's stage 1: its K against kmeans.k
+    and the codebook, its classes against the data's, its shape against stage1.preset and stage1.arch."""
+    tc, checkpoint = config["stage1"], Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"config key 'stage1.weights_file': no such file {checkpoint} (DiGIT's released "
+                                "stage-1 checkpoint_last.pt: README, 'Released weights')")
+    info = _codebook(codebook_dir)
+    classes = load_manifest(manifest_path)["classes"]
+    state, settings = read_fairseq_checkpoint(checkpoint)
+    grid = info["encoder"]["grid"]
+    gpt_cfg, tensors = convert_stage1(state, settings, len(classes) if tc["class_conditional"] else None,
+                                      info["k"], _expected(tc, seq_len=grid[0] * grid[1]), source=checkpoint)
+    record = stage1_record(gpt_cfg, tc["class_conditional"], classes, grid, "discriminative",
+                           info["codebook_sha256"], tc["precision"])
+    record["provenance"] = provenance(config, "import_stage1", {"checkpoint": checkpoint,
+                                                               "codebook": Path(codebook_dir) / "codebook.npy"})
+    write_stage(out_dir, gpt_cfg, tensors, record, checkpoint)
+    print(f"import-stage1: {checkpoint} -> {out_dir} ({sum(t.numel() for t in tensors.values()) / 1e6:.1f}M "
+          f"parameters, {'class-conditional' if tc['class_conditional'] else 'unconditional'})")
+
+
+def run_import_stage2(config: dict, checkpoint: str | Path, codebook_dir: str | Path, vq_dir: str | Path,
+                      out_dir: str | Path) -> None:
+    """DiGIT's released stage 2 (stage2.weights_file; stage2.decoder ar: st2vtlm, nar: st2vtlm_nar) as this
+    pipeline's stage 2, bound to the codebook and the VQ model whose tokens it reads and writes."""
+    tc, checkpoint = config["stage2"], Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"config key 'stage2.weights_file': no such file {checkpoint} (DiGIT's released "
+                                "stage-2 checkpoint_last.pt: README, 'Released weights')")
+    info = _codebook(codebook_dir)
+    vq_grid = read_json(Path(vq_dir) / "model.json")["grid"]
+    sem_grid = info["encoder"]["grid"]
+    state, settings = read_fairseq_checkpoint(checkpoint)
+    expected = _expected(tc, seq_len=vq_grid[0] * vq_grid[1], prefix_len=sem_grid[0] * sem_grid[1] + 1)
+    gpt_cfg, tensors = convert_stage2(state, settings, info["k"], tc["decoder"], expected, source=checkpoint)
+    if gpt_cfg.vocab_size != config["vq"]["codebook_size"]:
+        raise ValueError(f"{checkpoint} (stage2.weights_file) writes {gpt_cfg.vocab_size} VQ codes, vq.codebook_size "
+                         f"is {config['vq']['codebook_size']}")
+    vq_weights = Path(vq_dir) / "model.safetensors"
+    record = stage2_record(gpt_cfg, sem_grid, vq_grid, info["codebook_sha256"], sha256_file(vq_weights),
+                           tc["precision"])
+    record["provenance"] = provenance(config, "import_stage2", {"checkpoint": checkpoint, "vq": vq_weights,
+                                                               "codebook": Path(codebook_dir) / "codebook.npy"})
+    write_stage(out_dir, gpt_cfg, tensors, record, checkpoint)
+    print(f"import-stage2: {checkpoint} -> {out_dir} ({tc['decoder']} decoder, "
+          f"{sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters)")
