@@ -82,6 +82,17 @@ def test_evaluate_cas_and_metrics_file(tiny_config, manifest, in_tmp):
     assert all(not isinstance(v, (dict, list)) for v in metrics.values())
 
 
+def test_evaluate_without_a_classifier_has_no_cas(tiny_config, manifest, in_tmp):
+    """classifier.enabled: false (a training-free evaluation of released weights): FID and IS, no CAS."""
+    val = ImageDataset(load_manifest(manifest), "val", 32)
+    write_samples(in_tmp / "samples", [val[i][0] for i in range(len(val))], val.labels())
+    run_evaluate(tiny_config, in_tmp / "samples", manifest, None, in_tmp / "evaluate")
+    metrics = read_json(in_tmp / "evaluate" / "metrics.json")
+    assert metrics["cas"] is None and metrics["classifier_val_accuracy"] is None and abs(metrics["fid"]) < 1e-2
+    provenance = read_json(in_tmp / "evaluate" / "provenance.json")
+    assert set(provenance["inputs"]) == {"manifest", "samples"}
+
+
 def test_evaluate_rejects_a_missing_weights_file(tiny_config, in_tmp):
     tiny_config["evaluate"]["inception_weights"] = str(in_tmp / "missing.pth")
     with pytest.raises(FileNotFoundError, match="evaluate.inception_weights"):
