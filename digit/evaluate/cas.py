@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, random_batches, to_float
-from digit.runtime.io import atomic_dir, read_json, write_json
+from digit.runtime.io import atomic_dir, read_json, save_safetensors, write_json
 from digit.runtime.schedule import cosine
 from digit.stages import provenance
 
@@ -69,7 +69,7 @@ def run_train_classifier(config: dict, manifest_path: str | Path, out_dir: str |
                     window = []
         model.eval()
         val_accuracy = accuracy(model, ImageDataset(manifest, "val", size), cfg["batch_size"], device)
-        save_file(model.state_dict(), tmp / "model.safetensors")
+        save_safetensors(model.state_dict(), tmp / "model.safetensors")
         write_json(tmp / "model.json", {
             "num_classes": len(manifest["classes"]), "classes": manifest["classes"], "image_size": size,
             "widths": list(WIDTHS), "steps": cfg["steps"], "val_accuracy": val_accuracy,

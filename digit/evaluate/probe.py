@@ -48,13 +48,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from digit.generate.gpt import GPT
 from digit.generate.train import load_stage
 from digit.runtime.checkpoint import PartialRun
 from digit.runtime.config import resolve_device
-from digit.runtime.io import atomic_dir, sha256_file, write_json
+from digit.runtime.io import atomic_dir, save_safetensors, sha256_file, write_json
 from digit.runtime.schedule import cosine
 from digit.runtime.token_cache import check_cache_matches, load_token_cache
 from digit.stages import provenance
@@ -223,8 +222,8 @@ def run_probe(config: dict, stage1_dir: str | Path, tokens_dir: str | Path, out_
         write_json(tmp / "metrics.json", metrics)
         (tmp / "layers.tsv").write_text("layer\ttop1\n" + "".join(f"{i + 1}\t{a:.4f}\n" for i, a in enumerate(top1)))
         shutil.copy(run.log_path, tmp / "log.tsv")
-        save_file({name: t.detach().cpu().contiguous() for name, t in probes.state_dict().items()},
-                  tmp / "probe.safetensors")
+        save_safetensors({name: t.detach().cpu().contiguous() for name, t in probes.state_dict().items()},
+                         tmp / "probe.safetensors")
         write_json(tmp / "provenance.json", provenance(config, "probe", inputs))
     run.finish()
     print(f"probe: best top-1 {top1[best]:.3f} at layer {best + 1} of {layers} "

@@ -53,12 +53,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from digit.generate.gpt import GPT, PRESETS, GPTConfig
 from digit.generate.train import LOG_HEADER
 from digit.runtime.images import load_manifest
-from digit.runtime.io import atomic_dir, read_json, sha256_file, write_json
+from digit.runtime.io import atomic_dir, read_json, save_safetensors, sha256_file, write_json
 from digit.stages import provenance
 
 NSPECIAL = 5       # <s>, <pad>, </s>, <unk>, <n>
@@ -391,7 +390,7 @@ def write_stage(out_dir: str | Path, gpt_cfg: GPTConfig, state_dict: dict, recor
     a training log without rows (nothing was trained here, as for a pretrained VQ model)."""
     source = Path(source)
     with atomic_dir(out_dir) as tmp:
-        save_file(state_dict, tmp / "model.safetensors")
+        save_safetensors(state_dict, tmp / "model.safetensors")
         (tmp / "log.tsv").write_text(LOG_HEADER)
         write_json(tmp / "model.json", {**record, "model": asdict(gpt_cfg),
                                         "released": {"file": source.name, "sha256": sha256_file(source)}})

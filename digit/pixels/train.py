@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from digit.pixels.losses import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_discriminator_loss
@@ -24,7 +23,7 @@ from digit.runtime import distributed
 from digit.runtime.checkpoint import PartialRun
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, random_batches, to_float, to_uint8
-from digit.runtime.io import atomic_dir, write_json
+from digit.runtime.io import atomic_dir, save_safetensors, write_json
 from digit.runtime.schedule import cosine
 from digit.stages import provenance
 
@@ -56,7 +55,7 @@ def run_train_vq(config: dict, manifest_path: str | Path, out_dir: str | Path) -
         else:
             shutil.copy(run.log_path, tmp / "log.tsv")
         model.eval()
-        save_file(model.state_dict(), tmp / "model.safetensors")
+        save_safetensors(model.state_dict(), tmp / "model.safetensors")
         val = _evaluate(model, manifest, size, device, use_bf16, tmp / "recon.png")
         inputs = {"manifest": manifest_path} | ({"weights_file": vq["weights_file"]} if vq["weights"] == "file" else {})
         write_json(tmp / "model.json", {

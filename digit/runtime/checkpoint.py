@@ -15,9 +15,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from digit.runtime.io import atomic_dir, atomic_path, atomic_symlink, fsync_dir, fsync_file, read_json, write_json
+from digit.runtime.io import (atomic_dir, atomic_path, atomic_symlink, fsync_dir, fsync_file, read_json,
+                              save_safetensors, write_json)
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
@@ -120,7 +121,7 @@ def write_state(directory: Path, state: dict, step: int, **extra) -> None:
     saved = {"step": step, **extra}
     for name, obj in state.items():
         if name == "model":
-            save_file(obj.state_dict(), directory / "model.safetensors")
+            save_safetensors(obj.state_dict(), directory / "model.safetensors")
         elif isinstance(obj, torch.Generator):
             saved[name] = obj.get_state()
         else:

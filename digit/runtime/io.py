@@ -214,6 +214,17 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def save_safetensors(tensors: dict, path: str | Path) -> None:
+    """safetensors' save_file, then the mode a plain open gives (safetensors writes its file 0600, which a
+    group's shared project space cannot read)."""
+    from safetensors.torch import save_file  # on use: it imports torch
+
+    save_file(tensors, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with tmp.open("wb") as f:
