@@ -54,6 +54,7 @@ from digit.generate.train import load_stage
 from digit.runtime.checkpoint import PartialRun
 from digit.runtime.config import resolve_device
 from digit.runtime.io import atomic_dir, save_safetensors, sha256_file, write_json
+from digit.runtime.progress import progress
 from digit.runtime.schedule import cosine
 from digit.runtime.token_cache import check_cache_matches, load_token_cache
 from digit.stages import provenance
@@ -180,6 +181,8 @@ def run_probe(config: dict, stage1_dir: str | Path, tokens_dir: str | Path, out_
 
     steps_per_epoch = math.ceil(n / batch)
     total = pc["epochs"] * steps_per_epoch
+    bar = progress(total=total, desc="probe", unit="step")
+    bar.update(epoch * steps_per_epoch)
     with run.log_path.open("a") as log:
         while epoch < pc["epochs"]:
             order = torch.randperm(n, generator=generator).numpy()
@@ -197,6 +200,7 @@ def run_probe(config: dict, stage1_dir: str | Path, tokens_dir: str | Path, out_
                 loss.backward()
                 optimizer.step()
                 running += loss.item() * len(index)
+                bar.update()
             epoch += 1
             loss = running / n / layers
             if not math.isfinite(loss):
@@ -205,6 +209,8 @@ def run_probe(config: dict, stage1_dir: str | Path, tokens_dir: str | Path, out_
             log.flush()
             if epoch < pc["epochs"]:
                 run.save(state, epoch)
+            bar.write(f"probe: epoch {epoch}/{pc['epochs']}, loss {loss:.4f}")
+    bar.close()
 
     val_view = val_views.index("identity") if "identity" in val_views else 0
     correct = torch.zeros(layers, dtype=torch.float64, device=device)

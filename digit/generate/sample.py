@@ -19,6 +19,7 @@ from digit.pixels.model import load_vq
 from digit.runtime.config import resolve_device
 from digit.runtime.images import keyed_seed, to_uint8
 from digit.runtime.io import atomic_dir, read_json, sha256_file, write_json
+from digit.runtime.progress import progress
 from digit.runtime.shards import read_shard_records, shard_range
 from digit.stages import config_subset, provenance
 
@@ -122,6 +123,7 @@ def run_sample_shard(config: dict, stage1_dir: str | Path, stage2_dir: str | Pat
     sems, vqs = [], []
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
+        bar = progress(total=sum(len(b) for b in blocks), desc=f"sample-shard {shard}", unit="img")
         for indices in blocks:
             generator = block_generator(sc["seed"], int(indices[0]), device)
             sem, codes = generate_tokens(stage1, stage2, conditions[indices].to(device), sc,
@@ -131,6 +133,8 @@ def run_sample_shard(config: dict, stage1_dir: str | Path, stage2_dir: str | Pat
                 save_png(image, tmp / "images" / f"{i:06d}.png")
             sems.append(sem.cpu())
             vqs.append(codes.cpu())
+            bar.update(len(indices))
+        bar.close()
         indices = torch.cat(blocks)
         np.savez(tmp / "shard.npz", indices=indices.numpy(), sem=torch.cat(sems).numpy().astype(np.uint16),
                  vq=torch.cat(vqs).numpy().astype(np.uint16),

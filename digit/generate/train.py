@@ -31,6 +31,7 @@ from digit.runtime import distributed
 from digit.runtime.checkpoint import PartialRun, write_state
 from digit.runtime.config import resolve_device
 from digit.runtime.io import atomic_dir, read_json, write_json
+from digit.runtime.progress import TrainingLog, tensorboard_dir
 from digit.runtime.schedule import cosine
 from digit.runtime.token_cache import load_checked_cache
 from digit.stages import provenance
@@ -188,6 +189,8 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, draw, cache
 
     model.train()
     log = run.log_path.open("a") if procs.is_main else contextlib.nullcontext()
+    # the live view: a line at a steady interval in the job's log, TensorBoard curves beside the logs
+    progress = TrainingLog(stage, tc["steps"], step, tensorboard_dir(out_dir, stage)) if procs.is_main else None
     with log:
         while step < tc["steps"]:
             if procs.any(distributed.stop_requested.is_set()):
@@ -226,10 +229,14 @@ def _train(config: dict, stage: str, gpt_cfg: GPTConfig, make_batch, draw, cache
                 rate = tc["batch_size"] * gpt_cfg.seq_len / (time.perf_counter() - start)
                 log.write(f"{step}\t{loss:.5f}\t{lr:.6g}\t{rate:.0f}\t{grad_norm:.4f}\n")
                 log.flush()
-                if step % tc["checkpoint_every"] == 0 and step < tc["steps"]:
+                checkpoint = step % tc["checkpoint_every"] == 0 and step < tc["steps"]
+                progress.step(step, {"loss": loss, "lr": lr, "tokens_per_s": rate, "grad_norm": grad_norm},
+                              checkpoint=checkpoint)
+                if checkpoint:
                     run.save(state, step)
 
     if procs.is_main:
+        progress.close()
         with atomic_dir(out_dir) as tmp:
             write_state(tmp, state, step)
             shutil.copy(run.log_path, tmp / "log.tsv")

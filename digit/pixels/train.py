@@ -24,6 +24,7 @@ from digit.runtime.checkpoint import PartialRun
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, random_batches, to_float, to_uint8
 from digit.runtime.io import atomic_dir, save_safetensors, write_json
+from digit.runtime.progress import TrainingLog, tensorboard_dir
 from digit.runtime.schedule import cosine
 from digit.stages import provenance
 
@@ -111,6 +112,8 @@ def _train(model: VQModel, config: dict, manifest: dict, device, run: PartialRun
     first = resumed["step"] + 1 if resumed else 1
     batches = random_batches(manifest, size, vq["batch_size"], config["seed"], first_step=first)
 
+    progress = TrainingLog("vq", vq["steps"], first - 1, tensorboard_dir(run.dir, "vq"))
+    shown = {}  # the figures of the last log row
     with run.log_path.open("a") as log:
         start, timed = time.perf_counter(), 0
         for step in range(first, vq["steps"] + 1):
@@ -161,8 +164,14 @@ def _train(model: VQModel, config: dict, manifest: dict, device, run: PartialRun
                                                                                f"{rate:.1f}"]) + "\n")
                 log.flush()
                 window, window_indices, start, timed = [], [], time.perf_counter(), 0
-            if step % vq["checkpoint_every"] == 0 and step < vq["steps"]:
+            checkpoint = step % vq["checkpoint_every"] == 0 and step < vq["steps"]
+            if step % LOG_EVERY == 0 or step == vq["steps"]:
+                shown = {"loss": means[0], "recon": means[1], "usage": usage, "images_per_s": rate}
+            if (step % LOG_EVERY == 0 or step == vq["steps"] or checkpoint) and shown:  # the last row's figures
+                progress.step(step, shown, checkpoint=checkpoint)
+            if checkpoint:
                 run.save(state, step, window=window, window_indices=window_indices)
+    progress.close()
     final = dict(zip(("loss", "recon", "commit", "perceptual", "generator", "discriminator"), means))
     final |= {"usage": usage, "perplexity": perplexity}
     if ema is None:

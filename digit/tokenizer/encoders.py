@@ -32,6 +32,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
+from digit.runtime.progress import progress
+
 
 @dataclass(frozen=True)
 class Family:
@@ -284,8 +286,9 @@ def resize_official(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bicubic", antialias=False)
 
 
-def encode_batches(encoder: FeatureEncoder, dataset: torch.utils.data.Dataset, batch_size: int):
-    """Yield (features [B, T, D] float32 on the encoder's device, labels) over `dataset` in order."""
+def encode_batches(encoder: FeatureEncoder, dataset: torch.utils.data.Dataset, batch_size: int, desc: str = "encode"):
+    """Yield (features [B, T, D] float32 on the encoder's device, labels) over `dataset` in order; the
+    images done, their rate and the ETA go to the log as `desc` (digit/runtime/progress.py)."""
     device = encoder.mean.device
     cpus = len(os.sched_getaffinity(0))  # the cores this job was given (SLURM's cpus_per_task), not the node's
     # On a GPU the main process only feeds the device, so every other core decodes images; on the
@@ -293,5 +296,9 @@ def encode_batches(encoder: FeatureEncoder, dataset: torch.utils.data.Dataset, b
     workers = cpus - 1 if device.type == "cuda" else cpus // 2
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    for images, labels in loader:
-        yield encoder(images.to(device, non_blocking=True)), labels
+    if not len(dataset):  # a shard without images of this split
+        return
+    with progress(total=len(dataset), desc=desc, unit="img") as bar:
+        for images, labels in loader:
+            yield encoder(images.to(device, non_blocking=True)), labels
+            bar.update(len(images))

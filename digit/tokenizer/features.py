@@ -63,7 +63,7 @@ def run_features_shard(config: dict, manifest_path: str | Path, shard: str | int
         # Written through a memmap: the features of a large shard never sit in memory at once.
         features = open_memmap_for_writing(tmp / "features.npy", np.float16, shape)
         offset = 0
-        for batch, _ in encode_batches(encoder, dataset, config["encoder"]["batch_size"]):
+        for batch, _ in encode_batches(encoder, dataset, config["encoder"]["batch_size"], f"features-shard {shard}"):
             features[offset:offset + len(batch)] = batch.cpu().numpy()
             offset += len(batch)
         features.flush()

@@ -99,7 +99,8 @@ def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: st
                 for v, view in enumerate(views):
                     dataset = torch.utils.data.Subset(ImageDataset(manifest, split, size, view=view, seed=tc["seed"]), part)
                     offset = 0
-                    for features, _ in encode_batches(encoder, dataset, tc["batch_size"]):
+                    for features, _ in encode_batches(encoder, dataset, tc["batch_size"],
+                                                      f"tokenize-shard {shard}: {split} {view}"):
                         ids = assign(features.flatten(0, 1), codebook).view(len(features), num_tokens)
                         tokens[offset:offset + len(features), v] = ids.cpu().numpy()
                         offset += len(features)
