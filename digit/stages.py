@@ -103,8 +103,13 @@ STAGES: dict[str, Stage] = {
                                       launchable=True)}),
     "tokenize_vq": Stage(
         params=("device", "data.image_size", "tokenize"), code=("pixels", "runtime"),
-        commands={"tokenize-vq": Command("digit.pixels.tokenize:run_tokenize_vq", "every image to its VQ token grid",
-                                         (MANIFEST, VQ, ("--out", "output token cache directory")))}),
+        rules=("tokenize_vq_shard", "tokenize_vq"),
+        commands={"tokenize-vq-shard": Command("digit.pixels.tokenize:run_tokenize_vq_shard",
+                                               "one shard of the images to their VQ token grids",
+                                               (MANIFEST, VQ, shard_flag("tokenize.shards"), OUT)),
+                  "tokenize-vq": Command("digit.pixels.tokenize:run_tokenize_vq",
+                                         "merge the tokenize-vq shards into the VQ token cache",
+                                         (shards_flag("tokenize.shards"), ("--out", "output token cache directory")))}),
     "train_ar": Stage(
         params=("device", "seed", "kmeans.k", "vq.codebook_size", "stage1"), code=("generate", "runtime"),
         commands={"train-ar": Command("digit.generate.train:run_train_ar",

@@ -20,6 +20,7 @@ import yaml  # noqa: E402
 
 from digit.data.prepare import run_prepare
 from digit.data.synthetic import run_synthesize  # noqa: E402
+from digit.pixels.tokenize import run_tokenize_vq, run_tokenize_vq_shard  # noqa: E402
 from digit.runtime.config import load_config, validate  # noqa: E402
 from digit.tokenizer.features import run_features_shard  # noqa: E402
 from digit.tokenizer.kmeans import run_kmeans  # noqa: E402
@@ -61,6 +62,14 @@ def tokenize_all(config: dict, manifest: Path, codebook_dir: Path, out_dir: Path
     for shard in range(config["tokenize"]["shards"]):
         run_tokenize_shard(config, manifest, codebook_dir, shard, shards_dir / str(shard))
     run_tokenize(config, shards_dir, out_dir)
+
+
+def tokenize_vq_all(config: dict, manifest: Path, vq_dir: Path, out_dir: Path) -> None:
+    """Every tokenize_vq shard of the config, then their merge into the VQ token cache out_dir."""
+    shards_dir = out_dir.with_name(out_dir.name + "_shards")
+    for shard in range(config["tokenize"]["shards"]):
+        run_tokenize_vq_shard(config, manifest, vq_dir, shard, shards_dir / str(shard))
+    run_tokenize_vq(config, shards_dir, out_dir)
 
 
 @pytest.fixture

@@ -9,15 +9,14 @@ import pytest
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
-from conftest import REPO, shrink, tokenize_all
+from conftest import REPO, shrink, tokenize_all, tokenize_vq_all
 from PIL import Image
 
-import digit.pixels.tokenize as vq_tokenize_module
+import digit.runtime.token_cache as token_cache_module
 import digit.tokenizer.tokens as tokens_module
 from digit.data.prepare import run_prepare
 from digit.generate.train import run_train_decoder
 from digit.pixels.model import load_vq
-from digit.pixels.tokenize import run_tokenize_vq
 from digit.pixels.train import run_train_vq
 from digit.runtime.config import load_config
 from digit.runtime.images import (SPLIT_KEYS, ImageDataset, cache_views, load_image, load_manifest, random_crop,
@@ -156,20 +155,20 @@ def test_crop_tokens_are_the_tokens_of_the_keyed_crop(config, wide_manifest, cod
 
 
 def test_both_tokenizers_cache_the_same_crop_of_each_view(config, wide_manifest, codebook, tmp_path, monkeypatch):
-    built = {"tokenize": set(), "tokenize_vq": set()}
+    built, stage = {"tokenize": set(), "tokenize_vq": set()}, []
 
-    def recording(stage):
-        class Recorded(ImageDataset):
-            def __init__(self, manifest, split, size, view="identity", seed=None):
-                super().__init__(manifest, split, size, view, seed)
-                built[stage].add((split, size, view, seed))
-        return Recorded
+    class Recorded(ImageDataset):
+        def __init__(self, manifest, split, size, view="identity", seed=None):
+            super().__init__(manifest, split, size, view, seed)
+            built[stage[-1]].add((split, size, view, seed))
 
-    monkeypatch.setattr(tokens_module, "ImageDataset", recording("tokenize"))
-    monkeypatch.setattr(vq_tokenize_module, "ImageDataset", recording("tokenize_vq"))
+    # both caches read their images through the shards of digit/runtime/token_cache.py
+    monkeypatch.setattr(token_cache_module, "ImageDataset", Recorded)
+    stage.append("tokenize")
     tokenize_all(config, wide_manifest, codebook, tmp_path / "tokens")
     run_train_vq(config, wide_manifest, tmp_path / "vq")
-    run_tokenize_vq(config, wide_manifest, tmp_path / "vq", tmp_path / "vq_tokens")
+    stage.append("tokenize_vq")
+    tokenize_vq_all(config, wide_manifest, tmp_path / "vq", tmp_path / "vq_tokens")
     # every view of either cache comes from datasets of the same split, size, view and seed,
     # whose crop of image j is random_crop_box((seed, split, j, crop)) (ImageDataset.crop_key)
     crops = {b for b in built["tokenize"] if b[2].startswith("crop")}

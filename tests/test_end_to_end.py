@@ -69,8 +69,8 @@ def test_snakemake_runs_the_chain_with_the_nar_decoder(workflow_run, tmp_path):
     log = run(snakemake_args(), cwd=directory)
     ran = set(re.findall(r"^(?:local)?rule (\w+):", log, re.M))
     assert {"train_decoder", "sample_shard", "sample", "evaluate", "upper_bound", "report"} <= ran, log
-    assert not ran & {"synthesize", "prepare", "features_shard", "kmeans", "tokenize", "train_vq", "tokenize_vq",
-                      "train_ar", "probe", "train_classifier", "stability"}, log
+    assert not ran & {"synthesize", "prepare", "features_shard", "kmeans", "tokenize_shard", "tokenize", "train_vq",
+                      "tokenize_vq_shard", "tokenize_vq", "train_ar", "probe", "train_classifier", "stability"}, log
     assert json.loads((directory / "results/tiny/stage2/model.json").read_text())["decoder"] == "nar"
     check_results(directory / "results" / "tiny", config)
     assert "Nothing to be done" in run(snakemake_args("-n"), cwd=directory)

@@ -23,13 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, extract_features, shrink, tokenize_all
+from conftest import REPO, extract_features, shrink, tokenize_all, tokenize_vq_all
 
 from digit.evaluate.cas import run_train_classifier
 from digit.evaluate.fidelity import run_evaluate
 from digit.generate.sample import run_sample, run_sample_shard
 from digit.generate.train import run_train_ar, run_train_decoder
-from digit.pixels.tokenize import run_tokenize_vq
 from digit.pixels.train import run_train_vq
 from digit.runtime.config import load_config
 from digit.runtime.io import atomic_dir
@@ -56,7 +55,7 @@ def built(tmp_path_factory, manifest):
     run_kmeans(config, root / "features", root / "codebook")
     tokenize_all(config, manifest, root / "codebook", root / "tokens")
     run_train_vq(config, manifest, root / "vq")
-    run_tokenize_vq(config, manifest, root / "vq", root / "vq_tokens")
+    tokenize_vq_all(config, manifest, root / "vq", root / "vq_tokens")
     run_train_ar(config, root / "tokens", root / "stage1")
     run_train_decoder(config, root / "tokens", root / "vq_tokens", root / "stage2")
     for shard in range(config["sample"]["shards"]):
@@ -76,6 +75,8 @@ STAGES = {
     "tokenize-shard": ({"--manifest": "manifest", "--codebook": "codebook", "--shard": "0"}, "tokens_shards/0"),
     "tokenize": ({"--shards": "tokens_shards"}, "tokens"),
     "train-vq": ({"--manifest": "manifest"}, "vq"),
+    "tokenize-vq-shard": ({"--manifest": "manifest", "--vq": "vq", "--shard": "1"}, "vq_tokens_shards/1"),
+    "tokenize-vq": ({"--shards": "vq_tokens_shards"}, "vq_tokens"),
     "train-ar": ({"--tokens": "tokens"}, "stage1"),
     "train-decoder": ({"--tokens": "tokens", "--vq-tokens": "vq_tokens"}, "stage2"),
     "sample-shard": ({"--stage1": "stage1", "--stage2": "stage2", "--vq": "vq", "--shard": "1"}, "sample_shards/1"),
@@ -87,11 +88,12 @@ STAGES = {
 # one run to the end ("out" is the stage's output; a training checkpoint is written every 2 steps, the
 # last at step 4). The runs that follow a checkpoint kill must say they resume from the step given last.
 KILLS = {stage: [(signal.SIGKILL, "out", "enter", 1), (signal.SIGTERM, "out", "rename", 1)]
-         for stage in ("kmeans", "tokenize", "sample")}
+         for stage in ("kmeans", "tokenize", "tokenize-vq", "sample")}
 KILLS |= {"features-shard": [(signal.SIGTERM, "out", "enter", 1), (signal.SIGKILL, "*", "batch", 1),
                              (signal.SIGKILL, "out", "rename", 1)],
           "tokenize-shard": [(signal.SIGTERM, "out", "enter", 1), (signal.SIGKILL, "*", "batch", 2),
                              (signal.SIGKILL, "out", "rename", 1)],
+          "tokenize-vq-shard": [(signal.SIGTERM, "out", "enter", 1), (signal.SIGKILL, "out", "rename", 1)],
           "sample-shard": [(signal.SIGTERM, "out", "enter", 1), (signal.SIGKILL, "*", "png", 1),
                            (signal.SIGKILL, "out", "rename", 1)],
           # killed between two files of the reference statistics: the next run must recompute them

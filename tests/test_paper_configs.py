@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import RULES, TARGETS, plan_on_fake_imagenet, planned_jobs
+from test_workflow import RULES, TARGETS, plan_on_fake_imagenet, planned_jobs, planned_shards
 
 from digit.runtime.config import check_feasible, load_config
 
@@ -81,8 +81,13 @@ def test_the_rows_official_settings():
 @pytest.mark.parametrize("name", TRAINED)
 def test_every_row_plans(in_tmp, name):
     config = yaml.safe_load((OUT / f"{name}.yaml").read_text())
-    jobs = planned_jobs(plan_on_fake_imagenet(config, in_tmp))
+    dry_run = plan_on_fake_imagenet(config, in_tmp)
+    jobs = planned_jobs(dry_run)
     assert jobs["report"]["output"][0] == f"results/{experiment(name)}/metrics.json"
+    # both token caches in tokenize.shards shard jobs each (the VQ-token baseline: the VQ one alone)
+    shards = list(range(config["tokenize"]["shards"]))
+    assert planned_shards(dry_run, "tokenize_vq_shard") == shards
+    assert planned_shards(dry_run, "tokenize_shard") == (shards if config["stage1"]["tokens"] == "discriminative" else [])
     everything = RULES - TARGETS - {"synthesize", "train_vq"} | {"all", "import_vq"}  # MAGE's VQGAN, converted
     if config["stage1"]["class_conditional"] and not config["stage1"]["class_dropout"]:
         # the probe runs stage 1 without its class: a class-conditional paper row (no null class) has none

@@ -3,11 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import tokenize_vq_all
 from safetensors.torch import load_file, save_file
 
 from digit.pixels.losses import PerceptualLoss
 from digit.pixels.model import Quantizer, VQModel, codebook_usage, load_vq
-from digit.pixels.tokenize import run_tokenize_vq
+from digit.pixels.tokenize import run_tokenize_vq, run_tokenize_vq_shard
 from digit.pixels.train import run_train_vq
 from digit.runtime.images import ImageDataset, load_manifest, to_float
 from digit.runtime.io import read_json, sha256_file
@@ -71,7 +72,7 @@ def test_train_save_load_and_token_cache(tiny_config, manifest, in_tmp):
     assert recon.shape == images.shape and recon.min() >= -1 and recon.max() <= 1
     assert F.l1_loss(recon, images).item() == pytest.approx(meta["val"]["recon_l1"], rel=1e-4)
 
-    run_tokenize_vq(tiny_config, manifest, in_tmp / "vq", in_tmp / "vq_tokens")
+    tokenize_vq_all(tiny_config, manifest, in_tmp / "vq", in_tmp / "vq_tokens")
     tokens_meta = read_json(in_tmp / "vq_tokens" / "meta.json")
     assert tokens_meta["kind"] == "vq" and tokens_meta["vocab_size"] == 32 and tokens_meta["grid"] == [8, 8]
     assert tokens_meta["views"] == ["identity", "hflip"] and tokens_meta["num_classes"] == 3
@@ -85,6 +86,36 @@ def test_train_save_load_and_token_cache(tiny_config, manifest, in_tmp):
     assert np.array_equal(val_tokens[:, 0], indices.flatten(1).numpy())
     flipped = model.encode_indices(images.flip(-1)).flatten(1).numpy()
     assert np.array_equal(val_tokens[:, 1], flipped)
+
+
+def test_vq_tokens_do_not_depend_on_the_number_of_shards(tiny_config, manifest, in_tmp):
+    """The VQ token cache of 1 and of 3 shard jobs (shard 1 of 3: the end of train, no val): the same
+    bytes; shards of another run or a missing shard are refused, as tokenize's."""
+    tiny_config["tokenize"]["random_crops"] = 1  # a random-crop view too: keyed by image, not by shard
+    run_train_vq(tiny_config, manifest, in_tmp / "vq")
+    caches = {}
+    for shards in (1, 3):
+        tiny_config["tokenize"]["shards"] = shards
+        caches[shards] = in_tmp / f"vq_tokens_{shards}"
+        tokenize_vq_all(tiny_config, manifest, in_tmp / "vq", caches[shards])
+    assert read_json(in_tmp / "vq_tokens_3_shards" / "1" / "meta.json")["ranges"] == {"train": [12, 24], "val": [0, 0]}
+    for split in ("train", "val"):
+        for name in (f"{split}.npy", f"{split}_labels.npy"):
+            assert (caches[1] / name).read_bytes() == (caches[3] / name).read_bytes(), name
+    meta = read_json(caches[3] / "meta.json")
+    assert meta["kind"] == "vq" and meta["views"] == ["identity", "hflip", "crop0"]
+    assert meta["provenance"]["stage"] == "tokenize_vq" and len(meta["provenance"]["inputs"]) == 2 + 3
+
+    shards = in_tmp / "vq_tokens_3_shards"
+    other = dict(tiny_config, tokenize=dict(tiny_config["tokenize"], views=["identity"]))
+    run_tokenize_vq_shard(other, manifest, in_tmp / "vq", 1, in_tmp / "other" / "1")
+    (shards / "1").rename(in_tmp / "kept")
+    with pytest.raises(FileNotFoundError, match=r"tokenize_vq shard .*vq_tokens_3_shards/1 is missing"):
+        run_tokenize_vq(tiny_config, shards, in_tmp / "refused")
+    (in_tmp / "other" / "1").rename(shards / "1")
+    with pytest.raises(ValueError, match=r"tokenize_vq shard .*vq_tokens_3_shards/1 was made by another run"):
+        run_tokenize_vq(tiny_config, shards, in_tmp / "refused")
+    assert not (in_tmp / "refused").exists()
 
 
 def test_training_is_deterministic(tiny_config, manifest, in_tmp):

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import REPO
+from conftest import REPO, tokenize_vq_all
 
 from digit.pixels.model import build_vq, load_vq
-from digit.pixels.tokenize import run_tokenize_vq
 from digit.pixels.train import run_train_vq
 from digit.pixels.weights import convert_taming, load_pretrained
 from digit.runtime.io import read_json
@@ -200,5 +199,5 @@ def test_the_vq_stage_loads_a_pretrained_file_instead_of_training(tiny_config, m
     assert 0 < meta["val"]["psnr"] < 100
     model = load_vq(in_tmp / "vq")
     assert model.pixel_range == (0, 1)
-    run_tokenize_vq(config, manifest, in_tmp / "vq", in_tmp / "vq_tokens")
+    tokenize_vq_all(config, manifest, in_tmp / "vq", in_tmp / "vq_tokens")
     assert read_json(in_tmp / "vq_tokens" / "meta.json")["vocab_size"] == layout["n_embed"]

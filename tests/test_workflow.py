@@ -13,9 +13,9 @@ from dvc_yaml import generate, planned_jobs, render  # noqa: E402
 
 from digit.stages import COMMANDS, STAGE_OF_RULE  # noqa: E402
 
-RULES = {"synthesize", "prepare", "features_shard", "features", "kmeans", "tokenize_shard", "tokenize", "train_vq", "tokenize_vq",
-         "train_ar", "train_decoder", "probe", "sample_shard", "sample", "train_classifier", "evaluate",
-         "upper_bound", "stability", "report"}
+RULES = {"synthesize", "prepare", "features_shard", "features", "kmeans", "tokenize_shard", "tokenize", "train_vq",
+         "tokenize_vq_shard", "tokenize_vq", "train_ar", "train_decoder", "probe", "sample_shard", "sample",
+         "train_classifier", "evaluate", "upper_bound", "stability", "report"}
 # The rules that convert released or pretrained weights in place of training (config keys *.weights: file):
 # import_centroids for features_shard, features and kmeans; import_vq, import_stage1, import_stage2 for
 # train_vq, train_ar, train_decoder. The demo has none of them.
@@ -24,6 +24,7 @@ IMPORTS = {"import_centroids", "import_vq", "import_stage1", "import_stage2"}
 TARGETS = {"features"}
 # DVC stages that run several rules (`--allowed-rules A B ... -- target`): the stage is named after its target.
 GROUPED = {"features": ["features_shard", "features"], "tokenize": ["tokenize_shard", "tokenize"],
+           "tokenize_vq": ["tokenize_vq_shard", "tokenize_vq"],
            "sample": ["sample_shard", "sample"]}
 
 
@@ -65,9 +66,14 @@ def test_imagenet_configs_plan(in_tmp, name):
     assert jobs["prepare"]["input"] == [str(in_tmp / "imagenet")]
     assert jobs["report"]["output"][0] == f"results/{name}/metrics.json"
     for rule, count in (("features_shard", config["kmeans"]["feature_shards"]),
-                        ("tokenize_shard", config["tokenize"]["shards"]), ("sample_shard", 50)):
-        shards = re.findall(rf"rule {rule}:\n(?:.*\n)*?\s+wildcards: shard=(\d+)", dry_run)
-        assert sorted(map(int, shards)) == list(range(count)), rule
+                        ("tokenize_shard", config["tokenize"]["shards"]),
+                        ("tokenize_vq_shard", config["tokenize"]["shards"]), ("sample_shard", 50)):
+        assert planned_shards(dry_run, rule) == list(range(count)), rule
+
+
+def planned_shards(dry_run: str, rule: str) -> list[int]:
+    """The shard indices of the jobs of `rule` that a dry run plans, sorted."""
+    return sorted(int(shard) for shard in re.findall(rf"rule {rule}:\n(?:.*\n)*?\s+wildcards: shard=(\d+)", dry_run))
 
 
 def test_bad_config_key_stops_snakemake_and_cli(in_tmp):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, random_batches, to_float
 from digit.runtime.io import atomic_dir, read_json, save_safetensors, write_json
+from digit.runtime.loader import image_batches
 from digit.runtime.schedule import cosine
 from digit.stages import provenance
 
@@ -34,7 +35,7 @@ def classifier_net(num_classes: int) -> nn.Sequential:
 def accuracy(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int, device) -> float:
     """Fraction of (uint8 image, label) pairs of `dataset` that `model` classifies right."""
     correct = 0
-    for images, labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+    for images, labels in image_batches(dataset, device, batch_size):
         correct += (model(to_float(images).to(device)).argmax(1).cpu() == labels).sum().item()
     return correct / len(dataset)
 
@@ -49,7 +50,7 @@ def run_train_classifier(config: dict, manifest_path: str | Path, out_dir: str |
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine(step, cfg["steps"]))
-    batches = random_batches(manifest, size, cfg["batch_size"], config["seed"])
+    batches = random_batches(manifest, size, cfg["batch_size"], config["seed"], device)
     with atomic_dir(out_dir) as tmp:
         with (tmp / "log.tsv").open("w") as log:
             log.write("step\tloss\taccuracy\n")

@@ -26,12 +26,13 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+from torch_fidelity.utils import create_feature_extractor
 
 from digit.evaluate.cas import accuracy, load_classifier
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_image, load_manifest, preprocess
 from digit.runtime.io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json
+from digit.runtime.loader import image_batches
 from digit.stages import provenance
 
 
@@ -217,11 +218,19 @@ def fidelity_metrics(samples: str | Path | torch.utils.data.Dataset, reference: 
     n_reference = len(reference) if reference is not None else n_samples
     options = dict(rng_seed=seed, kid_subset_size=min(1000, n_samples, n_reference),
                    prc_neighborhood=min(3, n_samples - 1, n_reference - 1),
-                   save_cpu_ram=not cuda, verbose=False)  # image-decoding workers only pay off with a GPU
+                   save_cpu_ram=not cuda, verbose=False)  # precision/recall in parts on the CPU: less memory
     extractor = inception_extractor(weights, cuda)
+    device = torch.device("cuda" if cuda else "cpu")
 
+    @torch.no_grad()
     def extract(images: torch.utils.data.Dataset) -> dict:
-        return get_featuresdict_from_dataset(images, extractor, batch_size, cuda, not cuda, False)
+        """torch-fidelity's get_featuresdict_from_dataset (the same batches, in order), the images read by
+        loader workers (digit/runtime/loader.py)."""
+        batches = []
+        for batch in image_batches(images, device, min(batch_size, len(images))):
+            features = extractor.convert_features_tuple_to_dict(extractor(batch.to(device, non_blocking=True)))
+            batches.append({key: value.cpu() for key, value in features.items()})
+        return {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
 
     features = extract(samples)
     raw = isc_features_to_metric(features[LOGITS], min(10, n_samples), True, seed)

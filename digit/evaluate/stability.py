@@ -27,6 +27,7 @@ from digit.pixels.model import load_vq
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, to_float
 from digit.runtime.io import atomic_dir, read_json, sha256_file, write_json
+from digit.runtime.loader import image_batches
 from digit.stages import provenance
 from digit.tokenizer.encoders import FeatureEncoder
 from digit.tokenizer.tokens import assign, load_codebook_for
@@ -75,8 +76,10 @@ def run_stability(config: dict, manifest_path: str | Path, codebook_dir: str | P
     changed = {name: np.zeros(len(st["snr_db"]), dtype=np.int64) for name in TOKENIZERS}
     counted = dict.fromkeys(TOKENIZERS, 0)
     num_batches = -(-len(chosen) // config["tokenize"]["batch_size"])
-    for batch in np.array_split(chosen, num_batches):
-        images = to_float(torch.stack([dataset[int(i)][0] for i in batch])).to(device)
+    batches = np.array_split(chosen, num_batches)
+    loaded = image_batches(dataset, device, batch_sampler=[batch.tolist() for batch in batches])  # loader workers
+    for batch, (images, _) in zip(batches, loaded):
+        images = to_float(images).to(device)
         noise = unit_noise(st["seed"], batch, tuple(images.shape[1:])).to(device)
         clean = tokenize(images)
         for s, snr in enumerate(st["snr_db"]):

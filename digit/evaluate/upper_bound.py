@@ -28,6 +28,7 @@ from digit.pixels.model import load_vq, peak_snr
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, to_float, to_uint8
 from digit.runtime.io import atomic_dir, read_json, sha256_file, write_json
+from digit.runtime.loader import image_batches
 from digit.runtime.token_cache import check_cache_matches, load_token_cache
 from digit.stages import provenance
 
@@ -70,8 +71,9 @@ def run_upper_bound(config: dict, manifest_path: str | Path, tokens_dir: str | P
 
     originals, vq_recon, stage2_recon = [], [], []
     generator = torch.Generator(device).manual_seed(sc["seed"])
-    for batch in np.array_split(chosen, max(1, len(chosen) // sc["batch_size"])):
-        images = torch.stack([dataset[int(i)][0] for i in batch])
+    batches = np.array_split(chosen, max(1, len(chosen) // sc["batch_size"]))
+    loaded = image_batches(dataset, device, batch_sampler=[batch.tolist() for batch in batches])  # loader workers
+    for batch, (images, _) in zip(batches, loaded):
         originals.append(images)
         vq_recon.append(to_uint8(vq.decode_indices(vq.encode_indices(to_float(images).to(device)))).cpu())
         if stage2_dir is None:

@@ -24,6 +24,7 @@ from digit.runtime.checkpoint import PartialRun
 from digit.runtime.config import resolve_device
 from digit.runtime.images import ImageDataset, load_manifest, random_batches, to_float, to_uint8
 from digit.runtime.io import atomic_dir, save_safetensors, write_json
+from digit.runtime.loader import image_batches
 from digit.runtime.progress import TrainingLog, tensorboard_dir
 from digit.runtime.schedule import cosine
 from digit.stages import provenance
@@ -110,7 +111,7 @@ def _train(model: VQModel, config: dict, manifest: dict, device, run: PartialRun
         window.extend(resumed["window"])
         window_indices.extend(resumed["window_indices"])
     first = resumed["step"] + 1 if resumed else 1
-    batches = random_batches(manifest, size, vq["batch_size"], config["seed"], first_step=first)
+    batches = random_batches(manifest, size, vq["batch_size"], config["seed"], device, first_step=first)
 
     progress = TrainingLog("vq", vq["steps"], first - 1, tensorboard_dir(run.dir, "vq"))
     shown = {}  # the figures of the last log row
@@ -187,7 +188,7 @@ def _evaluate(model: VQModel, manifest: dict, size: int, device, use_bf16: bool,
     dataset = ImageDataset(manifest, "val", size)
     l1, psnr, all_indices = 0.0, [], []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        for images, _ in torch.utils.data.DataLoader(dataset, batch_size=100):
+        for images, _ in image_batches(dataset, device, batch_size=100):
             x = to_float(images).to(device)
             indices = model.encode_indices(x)
             recon = model.decode_indices(indices)

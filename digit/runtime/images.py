@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from digit.runtime.folder import IMAGE_EXTENSIONS, SPLITS, count_images  # noqa: F401 (the folder's layout)
 from digit.runtime.io import read_json
+from digit.runtime.loader import image_batches
 
 # The decoder each extension allows. PIL would pick one from the file's first bytes (a .jpg holding
 # EPS would reach Ghostscript); only these are tried. A multi-picture JPEG (MPO, as some cameras
@@ -242,23 +243,50 @@ def keyed_seed(seed: int, key: int) -> int:
     return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
 
 
-def random_batches(manifest: dict, size: int, batch_size: int, seed: int, first_step: int = 1):
-    """Endless batches of train images (uint8) and labels, from training step `first_step` on: a new
-    shuffle each epoch, each image flipped with probability 1/2. The batch of step s depends only on
-    (seed, s), so a run resumed at step s draws exactly what an uninterrupted run would have."""
+class RandomBatches(torch.utils.data.Sampler):
+    """The batches of train-image indices from training step `first_step` on, each index with whether
+    the image is flipped: a new shuffle each epoch, each image flipped with probability 1/2. The batch
+    of step s depends only on (seed, s), so a run resumed at step s draws exactly what an uninterrupted
+    run would have. Endless; drawn where it is iterated (a loader's main process)."""
+
+    def __init__(self, count: int, batch_size: int, seed: int, first_step: int = 1):
+        self.per_epoch = count // batch_size  # an epoch's last partial batch is dropped
+        if self.per_epoch == 0:
+            raise ValueError(f"batch size {batch_size} is larger than the train split ({count} images)")
+        self.count, self.batch_size, self.seed, self.first_step = count, batch_size, seed, first_step
+
+    def __iter__(self):
+        shuffled = None
+        for step in itertools.count(self.first_step):
+            epoch, position = divmod(step - 1, self.per_epoch)
+            if epoch != shuffled:
+                generator = torch.Generator().manual_seed(keyed_seed(self.seed, epoch))
+                order = torch.randperm(self.count, generator=generator)
+                flips = torch.rand(self.count, generator=generator) < 0.5
+                shuffled = epoch
+            batch = slice(position * self.batch_size, (position + 1) * self.batch_size)
+            yield list(zip(order[batch].tolist(), flips[batch].tolist()))
+
+
+class FlippedImages(torch.utils.data.Dataset):
+    """An (image, label) dataset indexed by (index, flip): the image mirrored where flip is true."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
+        index, flip = key
+        image, label = self.dataset[index]
+        return (image.flip(-1) if flip else image), label
+
+
+def random_batches(manifest: dict, size: int, batch_size: int, seed: int, device: torch.device | str,
+                   first_step: int = 1):
+    """Endless batches of train images (uint8) and labels, from training step `first_step` on
+    (RandomBatches), read by loader workers for `device` (digit/runtime/loader.py)."""
     dataset = ImageDataset(manifest, "train", size)
-    per_epoch = len(dataset) // batch_size  # an epoch's last partial batch is dropped
-    if per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the train split ({len(dataset)} images)")
-    shuffled = None
-    for step in itertools.count(first_step):
-        epoch, position = divmod(step - 1, per_epoch)
-        if epoch != shuffled:
-            generator = torch.Generator().manual_seed(keyed_seed(seed, epoch))
-            order = torch.randperm(len(dataset), generator=generator)
-            flips = torch.rand(len(dataset), generator=generator) < 0.5
-            shuffled = epoch
-        batch = slice(position * batch_size, (position + 1) * batch_size)
-        images, labels = zip(*(dataset[i] for i in order[batch].tolist()))
-        images = torch.stack(images)
-        yield torch.where(flips[batch, None, None, None], images.flip(-1), images), torch.tensor(labels)
+    batches = RandomBatches(len(dataset), batch_size, seed, first_step)
+    return image_batches(FlippedImages(dataset), device, batch_sampler=batches)

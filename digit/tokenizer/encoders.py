@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
+from digit.runtime.loader import image_batches
 from digit.runtime.progress import progress
 
 
@@ -290,12 +290,7 @@ def encode_batches(encoder: FeatureEncoder, dataset: torch.utils.data.Dataset, b
     """Yield (features [B, T, D] float32 on the encoder's device, labels) over `dataset` in order; the
     images done, their rate and the ETA go to the log as `desc` (digit/runtime/progress.py)."""
     device = encoder.mean.device
-    cpus = len(os.sched_getaffinity(0))  # the cores this job was given (SLURM's cpus_per_task), not the node's
-    # On a GPU the main process only feeds the device, so every other core decodes images; on the
-    # CPU the encoder needs cores too, so half of them decode.
-    workers = cpus - 1 if device.type == "cuda" else cpus // 2
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    loader = image_batches(dataset, device, batch_size)  # in loader workers (digit/runtime/loader.py)
     if not len(dataset):  # a shard without images of this split
         return
     with progress(total=len(dataset), desc=desc, unit="img") as bar:

@@ -12,11 +12,10 @@ import numpy as np
 import torch
 
 from digit.runtime.config import resolve_device
-from digit.runtime.images import SPLITS, ImageDataset, cache_views, load_manifest
-from digit.runtime.io import atomic_dir, read_json, sha256_file
-from digit.runtime.shards import read_shard_records, shard_range
-from digit.runtime.token_cache import check_cache_matches, write_meta, write_split
-from digit.stages import config_subset, provenance
+from digit.runtime.images import cache_views, load_manifest
+from digit.runtime.io import read_json, sha256_file
+from digit.runtime.token_cache import check_cache_matches, merge_cache_shards, write_cache_shard
+from digit.stages import provenance
 
 if TYPE_CHECKING:
     from digit.tokenizer.encoders import FeatureEncoder
@@ -63,23 +62,12 @@ def load_codebook_for(encoder: FeatureEncoder, config: dict, codebook_dir: str |
     return codebook, info
 
 
-def split_ranges(manifest: dict, items: range) -> dict[str, range]:
-    """The part of each split that items [start, stop) of the train-then-val sequence cover."""
-    ranges, offset = {}, 0
-    for split in SPLITS:
-        n = len(manifest["splits"][split])
-        ranges[split] = range(min(max(items.start - offset, 0), n), min(max(items.stop - offset, 0), n))
-        offset += n
-    return ranges
-
-
 @torch.no_grad()
 def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: str | Path, shard: str | int,
                        out_dir: str | Path) -> None:
-    """Shard `shard` of tokenize.shards, over the train images then the val images: <split>.npy
-    uint16 [n, V, T] for every view (`tokenize.views`, then `tokenize.random_crops` random crops),
-    <split>_labels.npy, and meta.json. A random-crop view of an image is keyed by (tokenize.seed, split,
-    index, crop) alone (digit.runtime.images.ImageDataset), as in tokenize_vq: the same crop in every shard."""
+    """Shard `shard` of tokenize.shards of the discriminative token cache (write_cache_shard in
+    digit/runtime/token_cache.py, as tokenize_vq's): every image of its range, in every view, as the
+    nearest codebook centroid of each encoder patch feature."""
     # timm and torchvision on use: the stages that read token caches (training, probe) start without them
     from digit.tokenizer.encoders import FeatureEncoder, encode_batches
 
@@ -87,51 +75,24 @@ def run_tokenize_shard(config: dict, manifest_path: str | Path, codebook_dir: st
     manifest = load_manifest(manifest_path)
     encoder = FeatureEncoder(config).to(device)
     codebook, info = load_codebook_for(encoder, config, codebook_dir)
-    size, views = config["data"]["image_size"], cache_views(tc)
     codebook = torch.from_numpy(codebook).to(device)
     num_tokens = encoder.grid[0] * encoder.grid[1]
-    total = sum(len(manifest["splits"][split]) for split in SPLITS)
-    ranges = split_ranges(manifest, shard_range(total, tc["shards"], shard, "tokenize.shards"))
-    with atomic_dir(out_dir) as tmp:
-        for split, part in ranges.items():
-            labels = ImageDataset(manifest, split, size).labels()[part.start:part.stop]
-            with write_split(tmp, split, (len(part), len(views), num_tokens), labels) as tokens:
-                for v, view in enumerate(views):
-                    dataset = torch.utils.data.Subset(ImageDataset(manifest, split, size, view=view, seed=tc["seed"]), part)
-                    offset = 0
-                    for features, _ in encode_batches(encoder, dataset, tc["batch_size"],
-                                                      f"tokenize-shard {shard}: {split} {view}"):
-                        ids = assign(features.flatten(0, 1), codebook).view(len(features), num_tokens)
-                        tokens[offset:offset + len(features), v] = ids.cpu().numpy()
-                        offset += len(features)
-        write_meta(tmp, {
-            "shard": shard, "shards": tc["shards"], "ranges": {k: [r.start, r.stop] for k, r in ranges.items()},
-            "kind": "discriminative", "vocab_size": len(codebook), "grid": list(encoder.grid), "views": views,
-            "view_seed": tc["seed"],
-            "num_classes": len(manifest["classes"]), "classes": manifest["classes"],
-            "codebook_sha256": info["codebook_sha256"], "encoder": encoder.identity, "image_size": size,
-            "provenance": provenance(config, "tokenize", {"manifest": manifest_path, "codebook": Path(codebook_dir) / "codebook.npy"}),
-        })
-    print(f"tokenize shard {shard}/{tc['shards']}: " + ", ".join(f"{len(r)} {k}" for k, r in ranges.items()))
+
+    def tokenize(dataset: torch.utils.data.Dataset, desc: str):
+        for features, _ in encode_batches(encoder, dataset, tc["batch_size"], desc):
+            yield assign(features.flatten(0, 1), codebook).view(len(features), num_tokens).cpu().numpy()
+
+    write_cache_shard(config, manifest, shard, out_dir, num_tokens, tokenize, {
+        "kind": "discriminative", "vocab_size": len(codebook), "grid": list(encoder.grid), "views": cache_views(tc),
+        "view_seed": tc["seed"], "num_classes": len(manifest["classes"]), "classes": manifest["classes"],
+        "codebook_sha256": info["codebook_sha256"], "encoder": encoder.identity,
+        "image_size": config["data"]["image_size"],
+        "provenance": provenance(config, "tokenize",
+                                 {"manifest": manifest_path, "codebook": Path(codebook_dir) / "codebook.npy"}),
+    }, "tokenize")
 
 
 def run_tokenize(config: dict, shards_dir: str | Path, out_dir: str | Path) -> None:
     """Merge the tokenize shards <shards_dir>/<i> into the token cache: per split, one uint16
     [N, V, T] array and the labels, and meta.json binding it to its codebook and encoder."""
-    shards_dir = Path(shards_dir)
-    records = read_shard_records(shards_dir, config["tokenize"]["shards"], config_subset(config, "tokenize"), "tokenize")
-    with atomic_dir(out_dir) as tmp:
-        for split in SPLITS:
-            parts = [np.load(shards_dir / str(i) / f"{split}.npy", mmap_mode="r") for i in range(len(records))]
-            covered = [tuple(r["ranges"][split]) for r in records]
-            if any(a[1] != b[0] for a, b in zip(covered, covered[1:])) or covered[0][0] != 0:
-                raise ValueError(f"the tokenize shards in {shards_dir} do not cover {split} once each: {covered}")
-            labels = np.concatenate([np.load(shards_dir / str(i) / f"{split}_labels.npy") for i in range(len(records))])
-            with write_split(tmp, split, (covered[-1][1], *parts[0].shape[1:]), labels) as tokens:
-                for (start, stop), part in zip(covered, parts):
-                    tokens[start:stop] = part
-        meta = {k: v for k, v in records[0].items() if k not in ("shard", "ranges")}
-        meta["provenance"]["inputs"] |= {f"shard_{i}": sha256_file(shards_dir / str(i) / "meta.json")
-                                         for i in range(len(records))}
-        write_meta(tmp, meta)
-    print(f"tokenize: merged {len(records)} shards into {out_dir}")
+    merge_cache_shards(config, "tokenize", shards_dir, out_dir)
