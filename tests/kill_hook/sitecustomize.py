@@ -12,7 +12,7 @@ Any rename (os.replace, os.rename, pathlib's) onto a path that ends in <name>:
 Points inside a stage's work (<name> is not used):
   batch: the encoder has just given a batch's features (feature and tokenize shards);
   png: a sample image has just been written (sample shards);
-  cache: torch-fidelity has just cached one of the reference statistics (evaluate).
+  cache: evaluate has just cached the reference's Inception features (<name>: the .npz).
 """
 import contextlib
 import functools
@@ -89,9 +89,17 @@ if "KILL_PAUSE" in os.environ:
         import digit.generate.sample
 
         digit.generate.sample.save_png = after(digit.generate.sample.save_png, "png")
-    elif point == "cache":
-        import torch_fidelity.utils
+    elif point == "cache":  # the reference features' .npz is the one file evaluate writes with atomic_path
+        import digit.evaluate.fidelity
 
-        torch_fidelity.utils.torch_atomic_save = after(torch_fidelity.utils.torch_atomic_save, "cache")
+        cache_path = digit.evaluate.fidelity.atomic_path
+
+        @contextlib.contextmanager
+        def paused_cache_path(path):
+            with cache_path(path) as tmp:
+                yield tmp
+            reached("cache", str(path))
+
+        digit.evaluate.fidelity.atomic_path = paused_cache_path
     else:
         raise ValueError(f"KILL_PAUSE: unknown point {point!r}")
