@@ -146,15 +146,23 @@ STAGES: dict[str, Stage] = {
                                     (shards_flag("sample.shards"), OUT))}),
     "train_classifier": Stage(
         params=("device", "seed", "data.image_size", "classifier"), code=("evaluate", "runtime"),
+        rules=("train_classifier", "import_classifier"),  # import_classifier: classifier.weights: file
         commands={"train-classifier": Command("digit.evaluate.cas:run_train_classifier",
-                                              "classifier on real images, for CAS", (MANIFEST, OUT))}),
+                                              "GAN-test's classifier: trained on the real train images, or "
+                                              "pretrained (classifier.weights_file)", (MANIFEST, OUT))}),
     "evaluate": Stage(
         params=("device", "evaluate"), code=("evaluate", "runtime"),
         commands={"evaluate": Command("digit.evaluate.fidelity:run_evaluate",
-                                      "FID, IS, KID (torch-fidelity) and CAS of the samples",
+                                      "FID, IS, KID (torch-fidelity) and GAN-test of the samples",
                                       (("--samples", "directory from sample"), MANIFEST,
                                        ("--classifier", "directory from train-classifier"), OUT),
                                       optional=("--classifier",))}),
+    "cas": Stage(
+        params=("device", "seed", "data.image_size", "classifier.steps", "classifier.batch_size", "classifier.lr"),
+        code=("evaluate", "runtime"),
+        commands={"cas": Command("digit.evaluate.cas:run_cas",
+                                 "CAS: a classifier trained on the class-conditional samples, scored on the real "
+                                 "val images", (("--samples", "directory from sample"), MANIFEST, OUT))}),
     "upper_bound": Stage(
         params=("device", "seed", "data.image_size", "sample", "evaluate", "upper_bound"),
         code=("evaluate", "generate", "pixels", "runtime"),
@@ -171,10 +179,12 @@ STAGES: dict[str, Stage] = {
     "report": Stage(
         params=("experiment",), code=("evaluate", "runtime"),
         commands={"report": Command("digit.evaluate.report:run_report", "metrics.json, loss curves and the sample grid",
-                                    (("--evaluate", "directory from evaluate"), ("--probe", "directory from probe"),
+                                    (("--evaluate", "directory from evaluate"), ("--cas", "directory from cas"),
+                                     ("--probe", "directory from probe"),
                                      ("--upper-bound", "directory from upper-bound"), STAGE1, STAGE2, VQ,
                                      ("--samples", "directory from sample"),
-                                     ("--out", "experiment results directory")), optional=("--probe", "--stage2"))}),
+                                     ("--out", "experiment results directory")),
+                                    optional=("--cas", "--probe", "--stage2"))}),
 }
 
 COMMANDS: dict[str, Command] = {name: command for stage in STAGES.values() for name, command in stage.commands.items()}

@@ -10,10 +10,11 @@ from digit.cli import main
 
 METRICS = {
     "base": {"experiment": "base", "fid": 17.045661, "fid_calibrated": False, "inception_score": 1.000871,
-             "kid": 0.040997, "cas": 0.48, "chance": 0.1, "probe_top1_best": 0.995, "upper_bound_fid": 14.514546,
+             "kid": 0.040997, "gan_test": 0.48, "cas": 0.37, "chance": 0.1, "probe_top1_best": 0.995,
+             "upper_bound_fid": 14.514546,
              "stage1_steps": 600},
     "big-k": {"experiment": "big-k", "fid": 12.3456, "fid_calibrated": False, "inception_score": 1.25,
-              "kid": 0.02, "precision": 0.61, "recall": 0.4, "cas": 0.52, "chance": 0.1,
+              "kid": 0.02, "precision": 0.61, "recall": 0.4, "gan_test": 0.52, "chance": 0.1,
               "probe_top1_best": 0.75, "upper_bound_fid": 9.87},
 }
 
@@ -58,8 +59,11 @@ def test_settings_that_differ_and_the_metrics(configs, capsys):
     assert settings == ["kmeans.k", "stage2.decoder"]  # equal keys (encoder.arch, sample.top_k, ...) left out
     assert (rows["base"]["kmeans.k"], rows["base"]["stage2.decoder"]) == ("256", "ar")
     assert (rows["big-k"]["kmeans.k"], rows["big-k"]["stage2.decoder"]) == ("512", "nar")
-    assert {"FID": "17.05", "FID calibrated": "no", "IS": "1.00", "KID": "0.041", "CAS": "0.48", "chance": "0.1",
-            "probe top-1": "0.995", "UB FID": "14.51"}.items() <= rows["base"].items()
+    assert {"FID": "17.05", "FID calibrated": "no", "IS": "1.00", "KID": "0.041", "GAN-test": "0.48", "CAS": "0.37",
+            "chance": "0.1", "probe top-1": "0.995", "UB FID": "14.51"}.items() <= rows["base"].items()
+    assert (rows["big-k"]["GAN-test"], rows["big-k"]["CAS"]) == ("0.52", "-")  # no CAS measured: '-'
+    header = list(rows["base"])
+    assert header.index("GAN-test") + 1 == header.index("CAS") == header.index("chance") - 1
     assert rows["base"]["precision"] == rows["base"]["recall"] == rows["base"]["VQ PSNR"] == "-"
     assert (rows["base"]["VQ IS"], rows["big-k"]["VQ IS"]) == ("42.00", "-")  # from report.json's details
     assert (rows["big-k"]["FID"], rows["big-k"]["precision"], rows["big-k"]["recall"]) == ("12.35", "0.61", "0.4")

@@ -36,7 +36,8 @@ def check_results(results: Path, config: dict):
     assert details["fid_calibrated"] is False and details["probe_best_layer"] >= 1
     assert 0 < metrics["upper_bound_psnr"] < 100 and details["upper_bound_num_images"] >= 2
     assert metrics["chance"] == pytest.approx(1 / config["data"]["synthetic"]["num_classes"])
-    assert 0 <= metrics["cas"] <= 1 and metrics["fid"] >= 0
+    assert 0 <= metrics["gan_test"] <= 1 and 0 <= metrics["cas"] <= 1 and metrics["fid"] >= 0
+    assert details["cas_train_samples"] == len(list((results / "samples" / "images").glob("*.png")))
     assert (results / "grid.png").stat().st_size > 0
     samples = sorted((results / "samples" / "images").glob("*.png"))
     assert len(samples) == config["sample"]["per_class"] * config["data"]["synthetic"]["num_classes"]
@@ -68,7 +69,7 @@ def test_snakemake_runs_the_chain_with_the_nar_decoder(workflow_run, tmp_path):
     (directory / "tiny.yaml").write_text(yaml.safe_dump(config))
     log = run(snakemake_args(), cwd=directory)
     ran = set(re.findall(r"^(?:local)?rule (\w+):", log, re.M))
-    assert {"train_decoder", "sample_shard", "sample", "evaluate", "upper_bound", "report"} <= ran, log
+    assert {"train_decoder", "sample_shard", "sample", "evaluate", "cas", "upper_bound", "report"} <= ran, log
     assert not ran & {"synthesize", "prepare", "features_shard", "kmeans", "tokenize_shard", "tokenize", "train_vq",
                       "tokenize_vq_shard", "tokenize_vq", "train_ar", "probe", "train_classifier", "stability"}, log
     assert json.loads((directory / "results/tiny/stage2/model.json").read_text())["decoder"] == "nar"

@@ -58,17 +58,19 @@ def test_fid_is_zero_against_itself_and_positive_against_other_images(tiny_confi
     assert not (in_tmp / "cache").exists() or not any((in_tmp / "cache").iterdir())
 
 
-def test_evaluate_cas_and_metrics_file(tiny_config, manifest, in_tmp):
+def test_evaluate_gan_test_and_metrics_file(tiny_config, manifest, in_tmp):
     run_train_classifier(tiny_config, manifest, in_tmp / "classifier")
     classifier = read_json(in_tmp / "classifier" / "model.json")
     assert 0 <= classifier["val_accuracy"] <= 1 and classifier["classes"] == load_manifest(manifest)["classes"]
 
-    # Samples that are the val images with their true labels: CAS is the classifier's val accuracy.
+    # Samples that are the val images with their true labels: GAN-test is the classifier's val accuracy.
     val = ImageDataset(load_manifest(manifest), "val", 32)
     write_samples(in_tmp / "samples", [val[i][0] for i in range(len(val))], val.labels())
     run_evaluate(tiny_config, in_tmp / "samples", manifest, in_tmp / "classifier", in_tmp / "evaluate")
     metrics = read_json(in_tmp / "evaluate" / "metrics.json")
-    assert metrics["cas"] == pytest.approx(classifier["val_accuracy"])
+    assert metrics["gan_test"] == pytest.approx(classifier["val_accuracy"]) and "cas" not in metrics
+    assert metrics["gan_test_classifier"] == "convnet trained on real train images"
+    assert "gan_test_skipped" not in metrics
     assert metrics["chance"] == pytest.approx(1 / 3) and metrics["num_samples"] == 12
     assert metrics["fid_calibrated"] is False and metrics["inception_weights"] == "generated"
     assert metrics["reference"] == "val" and metrics["reference_images"] == 12
@@ -82,13 +84,13 @@ def test_evaluate_cas_and_metrics_file(tiny_config, manifest, in_tmp):
     assert all(not isinstance(v, (dict, list)) for v in metrics.values())
 
 
-def test_evaluate_without_a_classifier_has_no_cas(tiny_config, manifest, in_tmp):
-    """classifier.enabled: false (a training-free evaluation of released weights): FID and IS, no CAS."""
+def test_evaluate_without_a_classifier_has_no_gan_test(tiny_config, manifest, in_tmp):
+    """classifier.enabled: false (a training-free evaluation of released weights): FID and IS, no GAN-test."""
     val = ImageDataset(load_manifest(manifest), "val", 32)
     write_samples(in_tmp / "samples", [val[i][0] for i in range(len(val))], val.labels())
     run_evaluate(tiny_config, in_tmp / "samples", manifest, None, in_tmp / "evaluate")
     metrics = read_json(in_tmp / "evaluate" / "metrics.json")
-    assert metrics["cas"] is None and metrics["classifier_val_accuracy"] is None and abs(metrics["fid"]) < 1e-2
+    assert metrics["gan_test"] is None and metrics["classifier_val_accuracy"] is None and abs(metrics["fid"]) < 1e-2
     provenance = read_json(in_tmp / "evaluate" / "provenance.json")
     assert set(provenance["inputs"]) == {"manifest", "samples"}
 
@@ -250,7 +252,7 @@ def test_an_adm_batch_of_statistics_alone_gives_fid_only(tiny_config, manifest, 
     assert all(metrics[key] is None for key in ("kid", "kid_std", "precision", "recall"))
     assert "no arr_0 images" in metrics["kid_precision_recall_skipped"] and str(in_tmp / "stats.npz") in \
         metrics["kid_precision_recall_skipped"]
-    assert metrics["inception_score"] >= 1.0 and metrics["cas"] is not None
+    assert metrics["inception_score"] >= 1.0 and metrics["gan_test"] is not None
 
 
 @pytest.mark.parametrize("arrays, message", [

@@ -23,7 +23,7 @@ def test_cli_help_lists_every_stage():
     out = subprocess.run([sys.executable, "-m", "digit.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
     for stage in ("synthesize", "prepare", "features", "kmeans", "tokenize", "train-vq", "tokenize-vq",
-                  "train-ar", "train-decoder", "sample", "train-classifier", "evaluate", "report"):
+                  "train-ar", "train-decoder", "sample", "train-classifier", "evaluate", "cas", "report"):
         assert stage in out
 
 

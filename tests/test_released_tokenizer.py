@@ -146,7 +146,7 @@ def test_released_stages_need_released_centroids(tiny_config):
 # -- the released-weights configs ------------------------------------------------------------------
 
 TRAINING = {"features_shard", "features", "kmeans", "train_vq", "train_ar", "train_decoder", "probe",
-            "train_classifier"}
+            "train_classifier", "cas"}
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
@@ -158,5 +158,5 @@ def test_a_released_config_plans_no_training(in_tmp, name):
     assert {"import_centroids", "import_vq", "import_stage1", "import_stage2", "sample", "evaluate",
             "upper_bound", "report"} <= set(jobs)
     assert jobs["import_stage1"]["input"] == [f"results/{name}/prepare", f"results/{name}/codebook"]
-    assert not [path for path in jobs["report"]["input"] if path.endswith(("/probe", "/classifier"))]
+    assert not [path for path in jobs["report"]["input"] if path.endswith(("/probe", "/classifier", "/cas"))]
     assert not [path for path in jobs["evaluate"]["input"] if path.endswith("/classifier")]

@@ -204,7 +204,7 @@ def test_demo_through_the_slurm_profile(slurm, tmp_path):
     slurm_logs = {d.name.removeprefix("rule_") for d in (tmp_path / "results" / "slurm_logs").iterdir()}
     for rule in ("synthesize", "prepare", "features_shard", "kmeans", "tokenize_shard", "tokenize",
                  "tokenize_vq_shard", "tokenize_vq", "probe", "sample_shard", "sample", "train_classifier",
-                 "evaluate", "report"):
+                 "evaluate", "cas", "report"):
         assert rule in slurm_logs, (rule, sorted(slurm_logs))
     for rule in ("train_vq", "train_ar", "train_decoder"):
         assert len(list((results / "logs" / f"{rule}_jobs").glob("*_0_result.pkl"))) == 1, rule

@@ -15,11 +15,11 @@ from digit.stages import COMMANDS, STAGE_OF_RULE  # noqa: E402
 
 RULES = {"synthesize", "prepare", "features_shard", "features", "kmeans", "tokenize_shard", "tokenize", "train_vq",
          "tokenize_vq_shard", "tokenize_vq", "train_ar", "train_decoder", "probe", "sample_shard", "sample",
-         "train_classifier", "evaluate", "upper_bound", "stability", "report"}
+         "train_classifier", "evaluate", "cas", "upper_bound", "stability", "report"}
 # The rules that convert released or pretrained weights in place of training (config keys *.weights: file):
-# import_centroids for features_shard, features and kmeans; import_vq, import_stage1, import_stage2 for
-# train_vq, train_ar, train_decoder. The demo has none of them.
-IMPORTS = {"import_centroids", "import_vq", "import_stage1", "import_stage2"}
+# import_centroids for features_shard, features and kmeans; import_vq, import_stage1, import_stage2,
+# import_classifier for train_vq, train_ar, train_decoder, train_classifier. The demo has none of them.
+IMPORTS = {"import_centroids", "import_vq", "import_stage1", "import_stage2", "import_classifier"}
 # Rules with inputs only, targets that name a group of shard jobs; the full DAG does not plan them.
 TARGETS = {"features"}
 # DVC stages that run several rules (`--allowed-rules A B ... -- target`): the stage is named after its target.
@@ -74,6 +74,28 @@ def test_imagenet_configs_plan(in_tmp, name):
 def planned_shards(dry_run: str, rule: str) -> list[int]:
     """The shard indices of the jobs of `rule` that a dry run plans, sorted."""
     return sorted(int(shard) for shard in re.findall(rf"rule {rule}:\n(?:.*\n)*?\s+wildcards: shard=(\d+)", dry_run))
+
+
+def test_gan_test_and_cas_in_the_dag(in_tmp):
+    """GAN-test's classifier feeds evaluate, CAS (trained on the samples) feeds the report; a pretrained
+    GAN-test classifier (classifier.weights: file) is imported, not trained; classifier.enabled: false
+    plans neither."""
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    jobs = planned_jobs(snakemake("-n", "--configfile", str(REPO / "config/config.yaml"), "-d", str(in_tmp)).stdout)
+    assert jobs["cas"]["input"] == ["results/demo/samples", "results/demo/prepare"]
+    assert jobs["cas"]["output"] == ["results/demo/cas"]
+    assert "results/demo/cas" in jobs["report"]["input"] and "results/demo/cas" not in jobs["evaluate"]["input"]
+    assert "results/demo/classifier" in jobs["evaluate"]["input"]
+    for name, weights, enabled in (("file", "file", True), ("off", "train", False)):
+        config["classifier"].update(enabled=enabled, weights=weights, weights_file="resnet50.pth")
+        (in_tmp / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        result = snakemake("-n", "--configfile", f"{name}.yaml", "-d", str(in_tmp / name), cwd=in_tmp)
+        assert result.returncode == 0, result.stderr
+        planned = set(planned_jobs(result.stdout))
+        if enabled:
+            assert {"import_classifier", "cas", "evaluate"} <= planned and "train_classifier" not in planned
+        else:
+            assert not {"import_classifier", "train_classifier", "cas"} & planned and "evaluate" in planned
 
 
 def test_bad_config_key_stops_snakemake_and_cli(in_tmp):

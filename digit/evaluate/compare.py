@@ -10,10 +10,13 @@ from digit.runtime.io import read_json
 # Shown when a single config leaves no differences to show.
 KEY_SETTINGS = ("encoder.arch", "kmeans.k", "stage1.preset", "stage2.decoder", "sample.top_k", "sample.cfg_scale")
 
-# metrics.json key -> column header, in table order. UB: the upper bound (true val tokens -> stage 2
-# -> VQ decoder); VQ: the VQ autoencoder's reconstructions alone (VQ IS from report.json's details).
+# metrics.json key -> column header, in table order. GAN-test: a classifier of real images scored on the
+# samples; CAS: a classifier of the samples scored on the real val images (digit/evaluate/cas.py). UB: the
+# upper bound (true val tokens -> stage 2 -> VQ decoder); VQ: the VQ autoencoder's reconstructions alone
+# (VQ IS from report.json's details).
 METRICS = {"fid": "FID", "fid_calibrated": "FID calibrated", "inception_score": "IS", "kid": "KID",
-           "precision": "precision", "recall": "recall", "cas": "CAS", "chance": "chance",
+           "precision": "precision", "recall": "recall", "gan_test": "GAN-test", "cas": "CAS",
+           "chance": "chance",
            "probe_top1_best": "probe top-1", "upper_bound_fid": "UB FID", "upper_bound_inception_score": "UB IS",
            "upper_bound_psnr": "UB PSNR", "vq_recon_fid": "VQ FID",
            "vq_recon_inception_score": "VQ IS", "vq_recon_psnr": "VQ PSNR",

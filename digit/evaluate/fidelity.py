@@ -1,5 +1,5 @@
 """Sample quality: FID, IS, KID, precision and recall from torch-fidelity's InceptionV3 features,
-and the evaluate stage (those and CAS, digit/evaluate/cas.py) of the samples against the reference images.
+and the evaluate stage (those and GAN-test, digit/evaluate/cas.py) of the samples against the reference images.
 
 torch-fidelity computes the features (its feature extractor) and the metrics from them (its metric
 functions); digit feeds it the images and keeps the reference's features itself, in .npz files that
@@ -28,32 +28,12 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
-from digit.evaluate.cas import accuracy, load_classifier
+from digit.evaluate.cas import SampleDataset, accuracy, classifier_description, load_classifier, unconditional_reason
 from digit.runtime.config import resolve_device
-from digit.runtime.images import ImageDataset, load_image, load_manifest, preprocess
+from digit.runtime.images import ImageDataset, load_image, load_manifest
 from digit.runtime.io import atomic_dir, atomic_path, sha256_file, sha256_json, write_json
 from digit.runtime.loader import image_batches
 from digit.stages import provenance
-
-
-class SampleDataset(torch.utils.data.Dataset):
-    """Generated samples: images/<index>.png in index order with their conditioning labels."""
-
-    def __init__(self, samples_dir: str | Path, size: int):
-        samples_dir = Path(samples_dir)
-        self.paths = sorted((samples_dir / "images").glob("*.png"))
-        if not self.paths:
-            raise FileNotFoundError(f"no PNG samples in {samples_dir / 'images'}")
-        self.labels = np.load(samples_dir / "samples.npz")["labels"].astype(np.int64)
-        if len(self.labels) != len(self.paths):
-            raise ValueError(f"{samples_dir}: {len(self.paths)} images but {len(self.labels)} labels in samples.npz")
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return preprocess(load_image(self.paths[index]), self.size), int(self.labels[index])
 
 
 class ImagesOnly(torch.utils.data.Dataset):
@@ -358,23 +338,27 @@ def reference_cache_name(record: dict, weights_sha256: str) -> str:
 
 def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Path,
                  classifier_dir: str | Path | None, out_dir: str | Path) -> None:
-    """metrics.json: FID/IS/KID/precision/recall against the reference, CAS of the samples (without a
-    classifier, classifier.enabled: false, none), and what the numbers were measured with (reference,
-    feature extractor, its weights)."""
+    """metrics.json: FID/IS/KID/precision/recall against the reference, GAN-test of the samples (the
+    accuracy on them of the classifier of train_classifier; without one, classifier.enabled: false,
+    none; for unconditional samples none, and gan_test_skipped says why), and what the numbers were
+    measured with (reference, feature extractor, its weights). CAS is the cas stage's (cas.py)."""
     check_inception_weights(config)
     device = resolve_device(config)
     size, batch_size = config["data"]["image_size"], config["evaluate"]["batch_size"]
     manifest = load_manifest(manifest_path)
     samples = SampleDataset(samples_dir, size)
+    gan_test_skipped = None
     if classifier_dir is not None:
         classifier, classifier_meta = load_classifier(classifier_dir, device)
         if classifier_meta["classes"] != manifest["classes"]:
             raise ValueError(f"{classifier_dir} was trained on other classes than {manifest_path} lists")
+        gan_test_skipped = unconditional_reason(samples, samples_dir, len(manifest["classes"]), "GAN-test")
     reference, record = reference_images(config, manifest)
     fid_statistics = reference_fid_statistics(config)
 
-    # CAS first: it decodes every sample through load_image, which names a file it cannot read
-    cas = accuracy(classifier, samples, batch_size, device) if classifier_dir is not None else None
+    # GAN-test first: it decodes every sample through load_image, which names a file it cannot read
+    gan_test = (accuracy(classifier, samples, batch_size, device)
+                if classifier_dir is not None and gan_test_skipped is None else None)
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
         weights, calibrated = inception_weights(config, Path(scratch))
         metrics = fidelity_metrics(PngImages(Path(samples_dir) / "images"), reference, weights, batch_size,
@@ -385,10 +369,13 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
             metrics["kid_precision_recall_skipped"] = (
                 f"{record['reference']} (evaluate.reference) holds mu/sigma but no arr_0 images; "
                 "KID, precision and recall need reference images")
+        if gan_test_skipped is not None:
+            metrics["gan_test_skipped"] = gan_test_skipped
         metrics |= {
-            "cas": cas,
+            "gan_test": gan_test,
             "chance": 1 / len(manifest["classes"]),
             "classifier_val_accuracy": classifier_meta["val_accuracy"] if classifier_dir is not None else None,
+            "gan_test_classifier": classifier_description(classifier_meta) if classifier_dir is not None else None,
             "num_samples": len(samples), **record,
             "fid_reference_statistics": FID_FROM_IMAGES if fid_statistics is None else FID_FROM_NPZ,
             "feature_extractor": f"torch-fidelity {FEATURE_EXTRACTOR}",
@@ -405,7 +392,9 @@ def run_evaluate(config: dict, samples_dir: str | Path, manifest_path: str | Pat
             | ({"classifier": Path(classifier_dir) / "model.safetensors"} if classifier_dir is not None else {})))
     pr = ("no precision/recall (no reference images)" if metrics["precision"] is None
           else f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}")
+    gan_test_text = ("no GAN-test (classifier.enabled: false)" if classifier_dir is None
+                     else f"no GAN-test ({gan_test_skipped})" if gan_test is None
+                     else f"GAN-test {gan_test:.3f} (chance {metrics['chance']:.3f})")
     print(f"evaluate: reference features {reference_source}")
     print(f"evaluate: FID {metrics['fid']:.3f} ({metrics['fid_reference_statistics']}), "
-          f"IS {metrics['inception_score']:.3f}, {pr}, "
-          + ("no CAS (classifier.enabled: false)" if cas is None else f"CAS {cas:.3f} (chance {metrics['chance']:.3f})"))
+          f"IS {metrics['inception_score']:.3f}, {pr}, {gan_test_text}")

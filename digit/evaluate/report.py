@@ -13,7 +13,9 @@ from digit.stages import provenance
 STAGES = ("vq", "stage1", "stage2")
 # metrics.json: numbers that differ between experiments, one column each in `dvc exp show`. The rest
 # of what the stages measured (names, hashes, counts, flags, per-layer figures) goes to report.json.
-HEADLINE = ("fid", "inception_score", "kid", "precision", "recall", "cas", "chance", "probe_top1_best",
+# gan_test: the real-data classifier's accuracy on the samples (evaluate); cas: the accuracy on real val
+# images of a classifier trained on the samples (the cas stage); digit/evaluate/cas.py.
+HEADLINE = ("fid", "inception_score", "kid", "precision", "recall", "gan_test", "cas", "chance", "probe_top1_best",
             "upper_bound_fid", "upper_bound_inception_score", "upper_bound_psnr", "vq_recon_fid", "vq_recon_psnr",
             "vq_final_loss", "stage1_final_loss", "stage2_final_loss")
 
@@ -30,9 +32,10 @@ def final_row(log_path: Path) -> dict | None:
     return {k: float(v) for k, v in rows[-1].items()}
 
 
-def run_report(config: dict, evaluate_dir: str | Path, probe_dir: str | Path | None, upper_bound_dir: str | Path,
-               stage1_dir: str | Path, stage2_dir: str | Path | None, vq_dir: str | Path, samples_dir: str | Path, out_dir: str | Path) -> None:
-    """out_dir/metrics.json (the HEADLINE figures of evaluate, probe and upper bound, final losses),
+def run_report(config: dict, evaluate_dir: str | Path, cas_dir: str | Path | None, probe_dir: str | Path | None,
+               upper_bound_dir: str | Path, stage1_dir: str | Path, stage2_dir: str | Path | None, vq_dir: str | Path,
+               samples_dir: str | Path, out_dir: str | Path) -> None:
+    """out_dir/metrics.json (the HEADLINE figures of evaluate, cas, probe and upper bound, final losses),
     out_dir/report.json (the rest of their metrics.json under "details", and the provenance),
     out_dir/curves/<stage>.tsv (and probe.tsv, top-1 per layer) and out_dir/grid.png (out_dir:
     results/<experiment>)."""
@@ -40,6 +43,7 @@ def run_report(config: dict, evaluate_dir: str | Path, probe_dir: str | Path | N
     # no stage 2 in the VQ-token baseline
     logs = {stage: Path(d) / "log.tsv" for stage, d in zip(STAGES, (vq_dir, stage1_dir, stage2_dir)) if d is not None}
     measured = ({"experiment": config["experiment"]} | read_json(Path(evaluate_dir) / "metrics.json")
+                | (read_json(Path(cas_dir) / "metrics.json") if cas_dir is not None else {})
                 | (read_json(Path(probe_dir) / "metrics.json") if probe_dir is not None else {})
                 | read_json(Path(upper_bound_dir) / "metrics.json"))
     for stage, log in logs.items():
@@ -60,6 +64,7 @@ def run_report(config: dict, evaluate_dir: str | Path, probe_dir: str | Path | N
     with atomic_path(out_dir / "grid.png") as tmp:
         shutil.copyfile(grid, tmp)
     inputs = {"metrics": Path(evaluate_dir) / "metrics.json",
+              **({"cas": Path(cas_dir) / "metrics.json"} if cas_dir is not None else {}),
               **({"probe": Path(probe_dir) / "metrics.json"} if probe_dir is not None else {}),
               "upper_bound": Path(upper_bound_dir) / "metrics.json", "grid": grid} | {f"{s}_log": p for s, p in logs.items()}
     write_json(out_dir / "report.json", {"details": {k: v for k, v in measured.items() if k not in metrics},

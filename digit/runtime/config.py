@@ -250,13 +250,18 @@ def _value_problems(config: dict, counts: tuple[int, int, int] | None) -> list[s
     for key, shards, items in shard_counts:
         if shards > items:
             problems.append(f"key '{key}': {shards} shards but only {items} images to split")
-    batch_keys = ((["classifier.batch_size"] if config["classifier"]["enabled"] else [])
+    classifier = config["classifier"]
+    batch_keys = ((["classifier.batch_size"] if classifier["enabled"] and classifier["weights"] == "train" else [])
                   + (["vq.batch_size"] if config["vq"]["weights"] == "train" else []))
     for key in batch_keys:
         section, name = key.split(".")
         if config[section][name] > train_images:
             problems.append(f"key '{key}': {config[section][name]} is more than the {train_images} train images")
     sc = config["sample"]
+    samples = sc["per_class"] * classes
+    if classifier["enabled"] and config["stage1"]["class_conditional"] and classifier["batch_size"] > samples:
+        problems.append(f"key 'classifier.batch_size': {classifier['batch_size']} is more than the {samples} samples "
+                        f"CAS trains on (sample.per_class {sc['per_class']} x {classes} classes)")
     blocks = math.ceil(sc["per_class"] * classes / sc["batch_size"])
     if sc["shards"] > blocks:
         problems.append(f"key 'sample.shards': {sc['shards']} shards but only {blocks} blocks of sample.batch_size "
@@ -276,6 +281,8 @@ def _file_problems(config: dict) -> list[str]:
            for section in ("kmeans", "stage1", "stage2") if config[section]["weights"] == "file"},
         "evaluate.inception_weights": ev["inception_weights"],
         "evaluate.reference": None if ev["reference"] == "val" else ev["reference"],
+        "classifier.weights_file": config["classifier"]["weights_file"]
+        if config["classifier"]["enabled"] and config["classifier"]["weights"] == "file" else None,
     }
     return [f"key '{key}': no such file {path}" for key, path in named.items()
             if path is not None and not Path(path).is_file()]

@@ -74,9 +74,12 @@ TOKENS_FLAG = "" if VQ_BASELINE else "--tokens {input.tokens:q} "  # the upper b
 PROBE = config["probe"]["enabled"] and (
     not config["stage1"]["class_conditional"] or config["stage1"]["class_dropout"] > 0
 )
-# CAS needs a classifier trained on the real images: classifier.enabled: false leaves both out.
+# GAN-test needs a classifier of the real images (trained, or pretrained: classifier.weights: file), CAS
+# one trained on the samples (the cas rule): classifier.enabled: false leaves all of them out.
 CLASSIFIER = {"classifier": f"{R}/classifier"} if config["classifier"]["enabled"] else {}
 CLASSIFIER_FLAG = "--classifier {input.classifier:q} " if CLASSIFIER else ""
+CAS_INPUT = {"cas": f"{R}/cas"} if config["classifier"]["enabled"] else {}
+CAS_FLAG = "--cas {input.cas:q} " if CAS_INPUT else ""
 PROBE_INPUT = {"probe": f"{R}/probe"} if PROBE else {}
 PROBE_FLAG = "--probe {input.probe:q} " if PROBE else ""
 REPORT_OUTPUTS = [f"{R}/metrics.json", f"{R}/grid.png", f"{R}/report.json"] + [

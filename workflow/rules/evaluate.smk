@@ -1,4 +1,5 @@
-# Samples, their metrics against the val images, the upper bound, and the experiment's report.
+# Samples, their metrics against the val images (FID, IS, GAN-test, CAS), the upper bound, and the
+# experiment's report.
 
 
 rule sample_shard:
@@ -39,19 +40,56 @@ rule sample:
         digit("sample --shards {params.shards:q} --out {output:q}")
 
 
-rule train_classifier:
+# GAN-test's classifier: trained on the real train images, or a pretrained one read from its file
+# (classifier.weights: file) and scored on the val images, not trained.
+if config["classifier"]["weights"] == "file":
+
+    rule import_classifier:
+        input:
+            f"{R}/prepare",
+        output:
+            directory(f"{R}/classifier"),
+        params:
+            stage=stage_params("train_classifier"),
+        log:
+            f"{R}/logs/import_classifier.log",
+        conda:
+            "../../environment.yml"
+        shell:
+            digit("train-classifier --manifest {input:q}/manifest.json --out {output:q}")
+
+else:
+
+    rule train_classifier:
+        input:
+            f"{R}/prepare",
+        output:
+            directory(f"{R}/classifier"),
+        params:
+            stage=stage_params("train_classifier"),
+        log:
+            f"{R}/logs/train_classifier.log",
+        conda:
+            "../../environment.yml"
+        shell:
+            digit("train-classifier --manifest {input:q}/manifest.json --out {output:q}")
+
+
+# CAS: a classifier trained on the samples, scored on the real val images (none for unconditional samples).
+rule cas:
     input:
-        f"{R}/prepare",
+        samples=f"{R}/samples",
+        prepare=f"{R}/prepare",
     output:
-        directory(f"{R}/classifier"),
+        directory(f"{R}/cas"),
     params:
-        stage=stage_params("train_classifier"),
+        stage=stage_params("cas"),
     log:
-        f"{R}/logs/train_classifier.log",
+        f"{R}/logs/cas.log",
     conda:
         "../../environment.yml"
     shell:
-        digit("train-classifier --manifest {input:q}/manifest.json --out {output:q}")
+        digit("cas --samples {input.samples:q} --manifest {input.prepare:q}/manifest.json --out {output:q}")
 
 
 rule evaluate:
@@ -102,6 +140,7 @@ rule report:
         vq=f"{R}/vq",
         samples=f"{R}/samples",
         **STAGE2,
+        **CAS_INPUT,
         **PROBE_INPUT,
     output:
         REPORT_OUTPUTS,
@@ -114,7 +153,7 @@ rule report:
         "../../environment.yml"
     shell:
         digit(
-            f"report --evaluate {{input.evaluate:q}} {PROBE_FLAG}--upper-bound {{input.upper_bound:q}} "
+            f"report --evaluate {{input.evaluate:q}} {CAS_FLAG}{PROBE_FLAG}--upper-bound {{input.upper_bound:q}} "
             f"--stage1 {{input.stage1:q}} {STAGE2_FLAG}"
             "--vq {input.vq:q} --samples {input.samples:q} --out {params.out:q}"
         )

@@ -144,8 +144,8 @@ ROWS.update({
 
 
 # DiGIT's released weights (HF DAMO-NLP-SG/DiGIT; README: Released weights), sampled and evaluated without
-# training: the centroids and both stages converted from their files, no probe and no CAS classifier (both
-# train), FID and IS against val as the official eval_fid.py.
+# training: the centroids and both stages converted from their files, no probe and no GAN-test or CAS
+# classifiers (they train), FID and IS against val as the official eval_fid.py.
 def released(size: str, centroids: str, top_k: tuple) -> tuple:
     stage_dir = f"weights/DiGIT/{size}_{centroids.split('_')[1].split('.')[0]}"
     return (UNCOND, NO_DROPOUT, top_k, AR_TOP_P,
@@ -158,7 +158,7 @@ def released(size: str, centroids: str, top_k: tuple) -> tuple:
             ("tokenize.random_crops", 0, "no training: the upper bound's val tokens need the center crop only"),
             ("tokenize.views", ["identity"], "no training: the center crop only"),
             ("probe.enabled", False, "the probe trains classifiers: not a training-free evaluation"),
-            ("classifier.enabled", False, "CAS trains a classifier: not a training-free evaluation"))
+            ("classifier.enabled", False, "GAN-test and CAS train classifiers; unconditional samples get neither"))
 
 
 RELEASED = {
