@@ -100,7 +100,6 @@ def main() -> None:
         write_jpegs(tmp / "data", args.images)
         run_prepare(config, tmp / "data", tmp / "prepare")
         manifest = load_manifest(tmp / "prepare" / "manifest.json")
-        train = ImageDataset(manifest, "train", args.size)
         val = ImagesOnly(ImageDataset(manifest, "val", args.size))
         generate_inception_weights(tmp / "inception.pth", 0)
         inception = inception_extractor(read_inception_weights(tmp / "inception.pth"), device.type == "cuda")
@@ -108,11 +107,13 @@ def main() -> None:
         loops = {  # name: (its batches, the model's step on a batch)
             "VQ training": (lambda: random_batches(manifest, args.size, args.batch, 0, device),
                             vq_step(config, device)),
-            "classifier training": (lambda: cas.random_batches(train, args.batch, 0, "train images", device),
+            # the classifiers' random batches: drawn as VQ training's (RandomBatches), of train images here
+            "classifier training": (lambda: random_batches(manifest, args.size, args.batch, 1, device),
                                     classifier_step(config, len(manifest["classes"]), device)),
             "reference features": (lambda: ((images,) for images in image_batches(val, device, args.batch)),
                                    torch.no_grad()(inception)),
         }
+        loader_rate(loops["VQ training"][0], 0, 1)  # warm-up: the first decode and resize pay for their setup
         rows = []
         for name, (make, step) in loops.items():
             serial, parallel = (loader_rate(make, n, count) for n in (0, workers))
