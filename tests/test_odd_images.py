@@ -165,8 +165,8 @@ def test_skip_policy_counts_every_bad_image_by_reason(tiny_config, tmp_path):
     assert ("val/bird/0.png", "class not in train") in skipped
     assert ("train/chat noir/truncated.jpg", "truncated or corrupt") in skipped
     assert report["images"] == {"train": 7, "val": 3} and report["smaller_than_image_size"] == 1
-    paths = [e["path"] for split in ("train", "val")
-             for e in read_json(tmp_path / "prep" / "manifest.json")["splits"][split]]
+    paths = [os.path.relpath(e["path"], tmp_path / "data") for split in ("train", "val")
+             for e in load_manifest(tmp_path / "prep" / "manifest.json")["splits"][split]]
     assert not any(path in paths for path, _ in skipped)
 
 

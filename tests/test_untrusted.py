@@ -322,10 +322,11 @@ def test_links_and_special_files_are_followed_or_reported_and_counted_alike(tiny
     assert report["skipped_by_reason"] == {"broken link": 3, "not a regular file": 1, "outside data.root": 2}
     assert {"train/cat/readme", "val/cat/notes.txt"} <= set(report["ignored_files"])
 
-    manifest = read_json(tmp_path / "prep" / "manifest.json")
-    train = [e["path"] for e in manifest["splits"]["train"]]
+    manifest = load_manifest(tmp_path / "prep" / "manifest.json")
+    train = [os.path.relpath(e["path"], root) for e in manifest["splits"]["train"]]
     assert {"train/cat/inside.png", "train/dog/more/z.png"} <= set(train) and len(train) == 6
-    assert all(not Path(e["path"]).is_absolute() for split in manifest["splits"].values() for e in split)
+    assert stored_paths(tmp_path / "prep") == {split: [os.path.relpath(e["path"], root) for e in entries]
+                                               for split, entries in manifest["splits"].items()}
     assert report["images"] == report["image_files_read"] == {"train": 6, "val": 4}
     assert count_images(root) == (6, 4, 2)  # what check-config counts
 
@@ -441,7 +442,15 @@ def test_a_run_with_spaces_and_quotes_in_every_path(tiny_config, tmp_path):
          "--configfile", str(config_file), "-d", str(odd / "work dir"), "results/odd-paths/prepare"],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    manifest = yaml.safe_load((odd / "work dir" / "results/odd-paths/prepare/manifest.json").read_text())
-    assert manifest["root"] == str(odd / "my images") and len(manifest["splits"]["train"]) == 24
-    first = manifest["splits"]["train"][0]["path"]
-    assert not Path(first).is_absolute() and (odd / "my images" / first).is_file()
+    prepared = odd / "work dir" / "results/odd-paths/prepare"
+    assert read_json(prepared / "manifest.json")["root"] == str(odd / "my images")
+    train = stored_paths(prepared)["train"]
+    assert len(train) == 24 and (odd / "my images" / train[0]).is_file()
+
+
+def stored_paths(prepared: Path) -> dict[str, list[str]]:
+    """The image paths as the manifest stores them: relative to the root, so that it holds no machine path."""
+    with np.load(prepared / "manifest.npz", allow_pickle=False) as columns:
+        paths = {split: [os.fsdecode(p) for p in columns[f"{split}.path"]] for split in ("train", "val")}
+    assert not any(os.path.isabs(p) for split in paths.values() for p in split)
+    return paths

@@ -7,20 +7,40 @@ machine finds the images under the same root there.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import hashlib
+import os
 from collections import Counter
 from pathlib import Path
 
 from digit.runtime.folder import SPLITS, scan_split
 from digit.runtime.images import BadImage, decode_image, read_image_bytes
 from digit.runtime.io import atomic_dir, write_json
+from digit.runtime.manifest import write_manifest
+from digit.runtime.progress import progress
 from digit.stages import provenance
 
 HINT = "set data.on_bad_image: skip to skip such files"
+CHUNK = 64  # images per task of a worker: few enough for an even spread, enough to amortise the hand-over
+
+
+def inspect_image(root: Path, path: str) -> dict:
+    """The width, height and sha256 of image `path` (relative to `root`), read once, decoded whole (a
+    truncated file is caught here, not in a later stage); or, as "bad", why it cannot be used (its
+    BadImage's message, reason and detail: runs in a worker process, which returns it as plain data)."""
+    try:
+        data = read_image_bytes(root / path)
+        with decode_image(root / path, data) as im:
+            width, height = im.size
+    except BadImage as e:
+        return {"bad": (str(e), e.reason, e.detail)}
+    return {"width": width, "height": height, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def run_prepare(config: dict, data_root: str | Path, out_dir: str | Path) -> None:
-    """Validate every image of the folder and write manifest.json and report.json.
+    """Validate every image of the folder, in worker processes on all the job's cores, and write the
+    manifest (digit/runtime/manifest.py) and report.json.
 
     A bad image, a file that the folder's rules leave out (digit/runtime/folder.py: links out of the
     root or to nowhere, FIFOs and devices), or a val class that train lacks stops the run with its
@@ -53,24 +73,29 @@ def run_prepare(config: dict, data_root: str | Path, out_dir: str | Path) -> Non
             skipped += [{"path": path, "reason": "class not in train"} for path in files]
 
     splits, read = {}, {}
-    for split in SPLITS:
-        entries = []
-        paths = [(name, path) for name in classes for path in scanned[split].classes.get(name, [])]
-        for name, path in paths:
-            try:
-                data = read_image_bytes(root / path)  # read once: decoded and hashed
-                with decode_image(root / path, data) as im:
-                    width, height = im.size
-            except BadImage as e:
-                if policy == "error":
-                    raise ValueError(f"{e} ({HINT})") from None
-                skipped.append({"path": path, "reason": e.reason, "detail": e.detail})
-                continue
-            entries.append({"path": path, "label": class_id[name], "width": width, "height": height,
-                            "sha256": hashlib.sha256(data).hexdigest()})
-        if not entries:
-            raise ValueError(f"{root}/{split} has no readable images")
-        splits[split], read[split] = entries, len(paths)
+    workers = len(os.sched_getaffinity(0))  # the cores this job was given (SLURM's cpus_per_task)
+    pool = concurrent.futures.ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for split in SPLITS:
+            entries = []
+            paths = [(name, path) for name in classes for path in scanned[split].classes.get(name, [])]
+            inspected = (map if pool is None else functools.partial(pool.map, chunksize=CHUNK))(
+                functools.partial(inspect_image, root), [path for _, path in paths])
+            for (name, path), found in progress(zip(paths, inspected), total=len(paths), desc=f"prepare {split}",
+                                                unit="img"):
+                if "bad" in found:
+                    message, reason, detail = found["bad"]
+                    if policy == "error":
+                        raise ValueError(f"{message} ({HINT})")
+                    skipped.append({"path": path, "reason": reason, "detail": detail})
+                    continue
+                entries.append({"path": path, "label": class_id[name], **found})
+            if not entries:
+                raise ValueError(f"{root}/{split} has no readable images")
+            splits[split], read[split] = entries, len(paths)
+    finally:
+        if pool is not None:  # at a bad image, the images not yet inspected are dropped, not waited for
+            pool.shutdown(cancel_futures=True)
 
     size = config["data"]["image_size"]
     report = {
@@ -90,7 +115,7 @@ def run_prepare(config: dict, data_root: str | Path, out_dir: str | Path) -> Non
         "on_bad_image": policy,
     }
     with atomic_dir(out_dir) as tmp:
-        write_json(tmp / "manifest.json", {"root": str(root), "classes": classes, "splits": splits})
+        write_manifest(tmp, str(root), classes, splits)
         write_json(tmp / "report.json", report | {"provenance": provenance(config, "prepare")})
     reasons = ", ".join(f"{n} {r}" for r, n in report["skipped_by_reason"].items())
     print(f"prepare: {report['images']} images in {len(classes)} classes, {len(skipped)} skipped"

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from digit.runtime.folder import IMAGE_EXTENSIONS, SPLITS, count_images  # noqa: F401 (the folder's layout)
-from digit.runtime.io import read_json
+from digit.runtime.manifest import labels, load_manifest  # noqa: F401 (load_manifest: read with the images)
 from digit.runtime.loader import image_batches
 
 # The decoder each extension allows. PIL would pick one from the file's first bytes (a .jpg holding
@@ -119,18 +119,6 @@ def load_image(path: str | Path, sha256: str | None = None) -> Image.Image:
     return decode_image(path, data)
 
 
-def load_manifest(path: str | Path) -> dict:
-    """A manifest from prepare, its image paths (relative to its root) joined with the root."""
-    manifest = read_json(path)
-    if not {"classes", "splits"} <= manifest.keys():
-        raise ValueError(f"{path} is not a digit manifest (needs 'classes' and 'splits')")
-    root = manifest.get("root", "")
-    for entries in manifest["splits"].values():
-        for entry in entries:
-            entry["path"] = os.path.join(root, entry["path"])
-    return manifest
-
-
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     """Resize the shorter side to `size` and center-crop: uint8 tensor [3, size, size]."""
     # on use: importing torchvision takes ~2.5 s (it loads torch._dynamo), which token-only stages skip
@@ -216,7 +204,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def labels(self) -> np.ndarray:
-        return np.array([e["label"] for e in self.entries], dtype=np.int64)
+        return labels(self.entries)
 
     def crop_key(self, index: int) -> tuple[int, ...]:
         """The key of random_crop_box for image `index` in this random-crop view."""
