@@ -189,9 +189,10 @@ def test_killed_stage_reruns_to_the_output_of_an_uninterrupted_run(built, stage,
         output = run_and_kill(args, tmp_path, sig, name, point, nth)
         if stage in TRAINING and run:
             assert f"resuming from step {RESUMED_FROM[run]} in" in output, output
-        # nothing under the output's name: only temporary siblings, which are never read
+        # nothing under the output's name: only temporary siblings, which are never read (and a training's
+        # logs/tensorboard/, its live curves, beside the outputs)
         assert not out.exists()
-        assert {p.name for p in tmp_path.iterdir()} <= {"paused", "out.partial"} | {
+        assert {p.name for p in tmp_path.iterdir()} <= {"paused", "out.partial", "logs"} | {
             p.name for p in tmp_path.glob(".out.*.tmp")}
     done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=environment(), timeout=WAIT_S)
     assert done.returncode == 0, done.stdout + done.stderr
