@@ -102,7 +102,7 @@ STAGES: dict[str, Stage] = {
                                       "train the VQ autoencoder (the pixel tokenizer)", (MANIFEST, OUT),
                                       launchable=True)}),
     "tokenize_vq": Stage(
-        params=("device", "data.image_size", "tokenize"), code=("pixels", "runtime"),
+        params=("device", "data.image_size", "tokenize", "vq.precision"), code=("pixels", "runtime"),
         rules=("tokenize_vq_shard", "tokenize_vq"),
         commands={"tokenize-vq-shard": Command("digit.pixels.tokenize:run_tokenize_vq_shard",
                                                "one shard of the images to their VQ token grids",
