@@ -10,13 +10,13 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import hashlib
-import os
 from collections import Counter
 from pathlib import Path
 
 from digit.runtime.folder import SPLITS, scan_split
 from digit.runtime.images import BadImage, decode_image, read_image_bytes
 from digit.runtime.io import atomic_dir, write_json
+from digit.runtime.loader import job_cores
 from digit.runtime.manifest import write_manifest
 from digit.runtime.progress import progress
 from digit.stages import provenance
@@ -73,7 +73,7 @@ def run_prepare(config: dict, data_root: str | Path, out_dir: str | Path) -> Non
             skipped += [{"path": path, "reason": "class not in train"} for path in files]
 
     splits, read = {}, {}
-    workers = len(os.sched_getaffinity(0))  # the cores this job was given (SLURM's cpus_per_task)
+    workers = job_cores()  # decoding and hashing only: one process per core
     pool = concurrent.futures.ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         for split in SPLITS:

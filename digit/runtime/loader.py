@@ -25,9 +25,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 
+def job_cores() -> int:
+    """The cores this job was given (SLURM's cpus_per_task), not the node's."""
+    return len(os.sched_getaffinity(0))
+
+
 def loader_workers(device: torch.device | str) -> int:
     """Loader workers for a job on `device`: all its cores but one on a GPU, half of them on the CPU."""
-    cpus = len(os.sched_getaffinity(0))  # the cores this job was given, not the node's
+    cpus = job_cores()
     return cpus - 1 if torch.device(device).type == "cuda" else cpus // 2
 
 

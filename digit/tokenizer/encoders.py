@@ -289,10 +289,10 @@ def resize_official(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def encode_batches(encoder: FeatureEncoder, dataset: torch.utils.data.Dataset, batch_size: int, desc: str = "encode"):
     """Yield (features [B, T, D] float32 on the encoder's device, labels) over `dataset` in order; the
     images done, their rate and the ETA go to the log as `desc` (digit/runtime/progress.py)."""
+    if not len(dataset):  # a shard without images of this split: no loader, no progress line
+        return
     device = encoder.mean.device
     loader = image_batches(dataset, device, batch_size)  # in loader workers (digit/runtime/loader.py)
-    if not len(dataset):  # a shard without images of this split
-        return
     with progress(total=len(dataset), desc=desc, unit="img") as bar:
         for images, labels in loader:
             yield encoder(images.to(device, non_blocking=True)), labels
